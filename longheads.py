@@ -1,0 +1,331 @@
+"""LongHeads attention: every head reads a long context through a window it was trained on.
+
+LongHeads (Lu et al., "LongHeads: Multi-Head Attention is Secretly a Long Context Processor",
+arXiv 2402.10685) lets a RoPE model trained on L tokens read far more, with no training. The
+context is cut into chunks of w tokens. Every head, for every query, picks at most K chunks
+(K * w <= L): chunk 0, the previous chunk, its own chunk, and the K - 3 chunks whose summary key
+scores highest against the query. The picked chunks are laid side by side with fresh, contiguous
+positions, so no query ever sees a distance the model was not trained on. Different heads pick
+different chunks, so together they cover the whole context, and a query costs O(K * w), not O(T).
+
+This file is the whole method (the specification is DESIGN.md; its sections are cited below):
+  - RoPE helpers (Hugging Face "rotate-half" layout)
+  - chunk_summaries    §1  one summary key per complete chunk and query head
+  - select_chunks      §2  which chunks a query attends to
+  - LongHeadsCache     §3-§4  keys, values and summaries; prefill and decoding are one code path
+  - longheads_attention      the function to copy into a model (a cache used once)
+  - longheads_reference      a slow per-query loop written straight from the specification
+
+Shapes: B batch, H query heads, Hkv key/value heads, G = H // Hkv heads per group, T tokens,
+D head dim, w chunk size, n chunks, b queries in a block, U chunks in a block's union.
+What this is not: a kernel. It is plain PyTorch (CPU and CUDA), written to be read.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+SUMMARY_TOKENS = 4096  # chunks are summarised this many tokens at a time (bounds working memory)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def rope_inv_freq(head_dim, theta=10000.0):
+    """Inverse frequencies of RoPE, computed exactly as Hugging Face does: (D/2,) float32."""
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+
+
+def rope_cos_sin(inv_freq, positions, dtype=torch.float32):
+    """cos and sin tables for integer positions: each (len(positions), D), in dtype."""
+    # why float64: position * frequency loses digits in float32 far out; the remapped positions
+    # of LongHeads must give exactly the angles that true positions give
+    freqs = positions.double()[:, None] * inv_freq.double()[None, :]  # (P, D/2)
+    angles = torch.cat([freqs, freqs], dim=-1)  # (P, D): rotate-half pairs dim i with i + D/2
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (..., D) by the angles whose cos/sin broadcast against it."""
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+def rope_table(rope, rope_theta, head_dim, length, device, dtype=torch.float32):
+    """(cos, sin), each (length, D), from inverse frequencies, from given tables, or from theta."""
+    dtype = torch.promote_types(dtype, torch.float32)
+    if isinstance(rope, (tuple, list)):
+        cos, sin = rope
+        if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[0] < length or cos.shape[1] != head_dim:
+            raise ValueError(f"rope: cos/sin tables must both be (P, {head_dim}) with P >= {length}, "
+                             f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
+        return cos[:length].to(device, dtype), sin[:length].to(device, dtype)
+    inv_freq = rope_inv_freq(head_dim, rope_theta) if rope is None else rope
+    if inv_freq.shape != (head_dim // 2,):
+        raise ValueError(f"rope: inverse frequencies must have shape ({head_dim // 2},), "
+                         f"got {tuple(inv_freq.shape)}")
+    return rope_cos_sin(inv_freq.to(device), torch.arange(length, device=device), dtype)
+
+
+# ----------------------------------------------------------------------------- §1 and §2
+
+def chunk_summaries(q, k, v):
+    """§1: one summary key per chunk and query head, computed in float32 (or wider).
+
+    q: (B, Hkv, G, n, w, D) queries at chunk-local positions; k, v: (B, Hkv, 1, n, w, D), keys at
+    chunk-local positions. Returns (B, Hkv, G, n, D).
+    """
+    wide = torch.promote_types(q.dtype, torch.float32)
+    q, k, v = q.to(wide), k.to(wide), v.to(wide)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    inner = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # (B, Hkv, G, n, w, w), no mask
+    s = (inner @ v).mean(dim=-2, keepdim=True)  # (B, Hkv, G, n, 1, D): the chunk's "query"
+    weights = torch.softmax(s @ k.transpose(-1, -2) * scale, dim=-1)  # (B, Hkv, G, n, 1, w)
+    return (weights @ k).squeeze(-2)  # (B, Hkv, G, n, D)
+
+
+def select_chunks(q, summaries, chunk, num_chunks):
+    """§2: the chunks that queries in chunk `chunk` attend to, as a mask over chunks 0..chunk.
+
+    q: (..., b, D) raw queries; summaries: (..., chunk - 2, D), the summary keys of the
+    candidates 1..chunk-2. Returns a bool mask (..., b, chunk + 1). Chunk 0, the previous chunk and
+    the own chunk are always in; the best num_chunks - 3 candidates join them. With no more
+    than num_chunks chunks to choose from, every chunk is in: ordinary causal attention.
+    """
+    scores = q.to(summaries.dtype) @ summaries.transpose(-1, -2)  # (..., b, chunk - 2)
+    top = scores.topk(min(num_chunks - 3, scores.shape[-1]), dim=-1).indices  # (..., b, K - 3)
+    mask = torch.zeros(*q.shape[:-1], chunk + 1, dtype=torch.bool, device=q.device)
+    mask.scatter_(-1, top + 1, True)  # + 1: candidate i is chunk i + 1
+    mask[..., 0] = True
+    mask[..., max(chunk - 1, 0):] = True
+    return mask
+
+
+# ----------------------------------------------------------------------------- §3, §4: the cache
+
+class LongHeadsCache(torch.nn.Module):
+    """Keys, values and chunk summaries of one attention layer, preallocated for max_len tokens.
+
+    Calling it with the q, k, v of new tokens (before RoPE) stores them and returns their attention
+    output. A prefill is one call with the whole prompt, a decoding step one call with one token:
+    the same code runs both, so their outputs agree (DESIGN §4).
+    Keys are stored rotated once at their chunk-local offset; the distance to the chunk's remapped
+    position goes into the query instead (§3), so stored keys never need re-rotating.
+    """
+
+    def __init__(self, batch, num_heads, num_kv_heads, max_len, head_dim, *, chunk_size=256,
+                 num_chunks=16, rope=None, rope_theta=10000.0, block_size=None, dtype=torch.float32,
+                 device=None):
+        super().__init__()
+        check_config(num_heads, num_kv_heads, chunk_size, num_chunks, block_size)
+        self.w, self.K, self.groups = chunk_size, num_chunks, num_heads // num_kv_heads
+        self.block_size = block_size or chunk_size
+        self.max_len, self.length = max_len, 0
+        n = -(-max_len // chunk_size)  # chunks, the last one possibly partial
+        self.register_buffer("k", torch.zeros(batch, num_kv_heads, n * chunk_size, head_dim, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros_like(self.k), persistent=False)
+        wide = torch.promote_types(dtype, torch.float32)  # summaries and their scores: float32 or wider
+        self.register_buffer("summaries", torch.zeros(batch, num_kv_heads, self.groups, n, head_dim, dtype=wide, device=device), persistent=False)
+        self.register_buffer("q_tail", torch.zeros(batch, num_kv_heads, self.groups, chunk_size, head_dim, dtype=dtype, device=device), persistent=False)
+        cos, sin = rope_table(rope, rope_theta, head_dim, min(num_chunks * chunk_size, max_len), device, dtype)
+        self.register_buffer("cos", cos, persistent=False)  # (P, D): every position a query or key can get
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, q, k, v):
+        """q: (B, H, T, D), k and v: (B, Hkv, T, D) of the next T tokens -> (B, H, T, D)."""
+        check_inputs(q, k, v, cache=self)
+        B, H, T, D = q.shape
+        start = self.length
+        q = q.reshape(B, -1, self.groups, T, D)  # (B, Hkv, G, T, D): query head h reads kv head h // G
+        self._store(q, k, v)
+        out = q.new_empty(q.shape)
+        for s, e in self._blocks(start, start + T):
+            out[..., s - start:e - start, :] = self._attend(q[..., s - start:e - start, :], s, e)
+        return out.reshape(B, H, T, D)
+
+    def _blocks(self, start, end):
+        """Query blocks [s, e) that never cross a chunk boundary: their queries share chunk g."""
+        s = start
+        while s < end:
+            e = min(end, (s // self.w + 1) * self.w, s + self.block_size)
+            yield s, e
+            s = e
+
+    def _store(self, q, k, v):
+        """Write local-RoPE keys and values; summarise every chunk these tokens complete."""
+        start, T, w = self.length, q.shape[-2], self.w
+        offsets = torch.arange(start, start + T, device=k.device) % w
+        self.k[:, :, start:start + T] = apply_rope(k, self.cos[offsets], self.sin[offsets])
+        self.v[:, :, start:start + T] = v
+        self.length = start + T
+        # why: a chunk's summary needs the queries of all its tokens, some of which came earlier
+        tail = start % w
+        q = q if tail == 0 else torch.cat([self.q_tail[..., :tail, :], q], dim=-2)  # (B, Hkv, G, tail + T, D)
+        first, done = start // w, (start + T) // w  # chunks first..done-1 complete now
+        step = max(1, SUMMARY_TOKENS // w)
+        for c in range(first, done, step):
+            self._summarise(q[..., (c - first) * w:(min(c + step, done) - first) * w, :], c)
+        left = (start + T) % w
+        self.q_tail[..., :left, :] = q[..., q.shape[-2] - left:, :]
+
+    def _summarise(self, q, first):
+        """Summaries of the complete chunks first, first + 1, ... whose raw queries are q."""
+        B, Hkv, G, n_tok, D = q.shape
+        w, n = self.w, n_tok // self.w
+        q = apply_rope(q.reshape(B, Hkv, G, n, w, D), self.cos[:w], self.sin[:w])  # (B, Hkv, G, n, w, D)
+        k = self.k[:, :, first * w:(first + n) * w].view(B, Hkv, 1, n, w, D)
+        v = self.v[:, :, first * w:(first + n) * w].view(B, Hkv, 1, n, w, D)
+        self.summaries[:, :, :, first:first + n] = chunk_summaries(q, k, v)
+
+    def _attend(self, q, s, e):
+        """Attention of queries s..e-1 (all in chunk g), q: (B, Hkv, G, b, D) -> same shape."""
+        B, Hkv, G, b, D = q.shape
+        w, dev = self.w, q.device
+        ids, picked, pos = self._layout(q, s, e)  # (B, Hkv, U), (B, Hkv, Gb, U), (B, Hkv, Gb, U)
+        qr = apply_rope(q.reshape(B, Hkv, G * b, 1, D), self.cos[pos], self.sin[pos])  # (B, Hkv, Gb, U, D)
+        at = (torch.arange(B, device=dev)[:, None, None], torch.arange(Hkv, device=dev)[None, :, None], ids)
+        k = self.k.view(B, Hkv, -1, w, D)[at]  # (B, Hkv, U, w, D): each picked chunk read once
+        v = self.v.view(B, Hkv, -1, w, D)[at]
+        logits = torch.einsum("zhtud,zhuwd->zhtuw", qr, k) / math.sqrt(D)  # (B, Hkv, Gb, U, w)
+        key_pos = ids[..., None] * w + torch.arange(w, device=dev)  # (B, Hkv, U, w)
+        query_pos = torch.arange(s, e, device=dev).repeat(G)  # (Gb,)
+        allowed = picked[..., None] & (key_pos[:, :, None] <= query_pos[:, None, None])  # (B, Hkv, Gb, U, w)
+        logits = logits.to(self.summaries.dtype).masked_fill(~allowed, float("-inf"))  # float32 or wider
+        probs = torch.softmax(logits.flatten(-2), dim=-1).view_as(logits).to(v.dtype)  # over all U * w keys
+        return torch.einsum("zhtuw,zhuwd->zhtd", probs, v).view(B, Hkv, G, b, D)
+
+    def _layout(self, q, s, e):
+        """§2 and §3 for a block: the union of picked chunks, who picked what, and query positions.
+
+        Returns ids (B, Hkv, U), the union's chunks in order; picked (B, Hkv, Gb, U), whether each
+        query picked each of them; pos (B, Hkv, Gb, U), the position each query takes to read it.
+        """
+        B, Hkv, G, b, D = q.shape
+        w, g = self.w, s // self.w
+        sel = select_chunks(q, self.summaries[:, :, :, 1:max(g - 1, 1)], g, self.K)  # (B, Hkv, G, b, g + 1)
+        sel = sel.view(B, Hkv, G * b, g + 1)
+        # why: queries of one chunk mostly pick the same chunks, so the block reads their union once
+        used = sel.any(dim=2)  # (B, Hkv, g + 1)
+        U = int(used.sum(-1).max())
+        ids = torch.argsort((~used).byte(), dim=-1, stable=True)[..., :U]  # (B, Hkv, U): used first, in order
+        ids_q = ids[:, :, None].expand(-1, -1, G * b, -1)  # (B, Hkv, Gb, U)
+        picked = sel.gather(-1, ids_q)
+        # §3: the chunk of rank r is read from (n_sel - 1 - r) * w + o: the query moves, not the keys
+        rank = sel.cumsum(-1).gather(-1, ids_q) - 1  # (B, Hkv, Gb, U)
+        shift = (sel.sum(-1, keepdim=True) - 1 - rank).clamp(0, self.K - 1)  # clamp: unpicked slots
+        o = (torch.arange(s, e, device=q.device) - g * w).repeat(G)  # (Gb,) offsets inside chunk g
+        return ids, picked, shift * w + o[:, None]
+
+
+# ----------------------------------------------------------------------------- the function to copy
+
+def longheads_attention(q, k, v, *, chunk_size=256, num_chunks=16, rope_theta=10000.0, rope=None,
+                        block_size=None):
+    """Causal LongHeads attention over a whole sequence.
+
+    q: (B, H, T, D), k and v: (B, Hkv, T, D), all before RoPE; H a multiple of Hkv (GQA).
+    rope: None (RoPE with base rope_theta), inverse frequencies (D/2,), or a (cos, sin) pair of
+    (P, D) tables, for scaled RoPE. block_size: queries per block (default chunk_size); it bounds
+    the working memory. Returns (B, H, T, D). With num_chunks * chunk_size >= T this is ordinary
+    causal attention with RoPE at true positions.
+    """
+    check_inputs(q, k, v)
+    B, H, T, D = q.shape
+    cache = LongHeadsCache(B, H, k.shape[1], T, D, chunk_size=chunk_size, num_chunks=num_chunks,
+                           rope=rope, rope_theta=rope_theta, block_size=block_size, dtype=q.dtype,
+                           device=q.device)
+    return cache(q, k, v)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def check_config(num_heads, num_kv_heads, chunk_size, num_chunks, block_size=None):
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if num_chunks < 3:
+        raise ValueError(f"num_chunks must be >= 3 (chunk 0, the previous and the own chunk are "
+                         f"always read), got {num_chunks}")
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"the query heads ({num_heads}) must be a multiple of the key/value "
+                         f"heads ({num_kv_heads})")
+
+
+def check_inputs(q, k, v, cache=None):
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"q must be (B, H, T, D) and k, v (B, Hkv, T, D), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]) or q.shape[3] % 2:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, T and an "
+                         f"even D")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if cache is not None:
+        B, Hkv, n_tok, D = cache.k.shape
+        if (k.shape[0], k.shape[1], k.shape[3]) != (B, Hkv, D) or q.shape[1] != Hkv * cache.groups:
+            raise ValueError(f"the cache holds B={B}, H={Hkv * cache.groups}, Hkv={Hkv}, D={D}; "
+                             f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        if cache.length + q.shape[2] > cache.max_len:
+            raise ValueError(f"the cache holds max_len={cache.max_len} tokens; it has "
+                             f"{cache.length} and got {q.shape[2]} more: make it larger")
+        if q.dtype != cache.k.dtype:
+            raise ValueError(f"q, k, v are {q.dtype} but the cache is {cache.k.dtype}")
+
+
+# ----------------------------------------------------------------------------- the slow reference
+
+def longheads_reference(q, k, v, *, chunk_size=256, num_chunks=16, rope_theta=10000.0, rope=None):
+    """The definition, one query at a time: select chunks, lay them out, rotate, attend.
+
+    Written straight from DESIGN §1-§3, with nothing shared with the fast path but the RoPE
+    helpers. Slow: a test oracle and a tutorial.
+    """
+    B, H, T, D = q.shape
+    w, K, G = chunk_size, num_chunks, H // k.shape[1]
+    cos, sin = rope_table(rope, rope_theta, D, min(K * w, T), q.device, q.dtype)
+    out = torch.zeros_like(q)
+    for z in range(B):
+        for h in range(H):
+            qh, kh, vh = q[z, h], k[z, h // G], v[z, h // G]  # (T, D)
+            summaries = [reference_summary(qh[j * w:(j + 1) * w], kh[j * w:(j + 1) * w],
+                                           vh[j * w:(j + 1) * w], cos, sin) for j in range(T // w)]
+            for t in range(T):
+                chunks = reference_selection(qh[t], summaries, t // w, K)
+                out[z, h, t] = reference_query(qh[t], kh, vh, t, chunks, w, cos, sin)
+    return out
+
+
+def reference_summary(q, k, v, cos, sin):
+    """§1 for one chunk and head: q, k, v (w, D) -> summary key (D,)."""
+    w, D = q.shape
+    qt, kt = apply_rope(q, cos[:w], sin[:w]), apply_rope(k, cos[:w], sin[:w])
+    o = torch.softmax(qt @ kt.T / math.sqrt(D), dim=-1) @ v  # (w, D), no causal mask
+    s = o.mean(dim=0)  # (D,)
+    return torch.softmax(kt @ s / math.sqrt(D), dim=0) @ kt  # (D,)
+
+
+def reference_selection(q, summaries, g, K):
+    """§2 for one query in chunk g: the sorted list of chunks it reads."""
+    if g < K:
+        return list(range(g + 1))
+    scores = {j: float(q @ summaries[j]) for j in range(1, g - 1)}
+    best = sorted(scores, key=scores.get, reverse=True)[:K - 3]
+    return sorted({0, g - 1, g, *best})
+
+
+def reference_query(q, k, v, t, chunks, w, cos, sin):
+    """§3 for query t: chunk of rank r gets positions r*w.., the query (K'-1)*w + t mod w."""
+    keys, values, positions = [], [], []
+    for r, j in enumerate(chunks):
+        u = torch.arange(j * w, min((j + 1) * w, t + 1))  # causal in the own chunk, self included
+        keys.append(k[u]), values.append(v[u]), positions.append(r * w + u - j * w)
+    pos = torch.cat(positions)
+    q_pos = (len(chunks) - 1) * w + t % w
+    kr = apply_rope(torch.cat(keys), cos[pos], sin[pos])  # (n_keys, D)
+    qr = apply_rope(q, cos[q_pos], sin[q_pos])  # (D,)
+    att = torch.softmax(kr @ qr / math.sqrt(q.shape[-1]), dim=0)  # (n_keys,)
+    return att @ torch.cat(values)
