@@ -1,0 +1,353 @@
+"""Tests: LongHeads against its definition, the Llama against transformers, the tokenizer.
+
+1. every chunk selected          == causal attention with RoPE at true positions
+2. fast blocked path             == longheads_reference, the per-query loop of DESIGN §1-§3
+3. one prefill                   == a prefix prefill + pieces + single-token decoding steps
+4. selections                    hold chunks 0, g-1, g, are sorted and unique, never in the future
+5. GQA                           == the same computation with k/v repeated to every head
+Then: our Llama == transformers.LlamaForCausalLM on checkpoints transformers saves, and bad
+checkpoints are one clear error each.
+"""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from longheads import (LongHeadsCache, apply_rope, longheads_attention, longheads_reference,
+                       reference_selection, rope_cos_sin, rope_inv_freq, select_chunks)
+
+PROPERTY = settings(max_examples=200, deadline=None)
+
+
+@st.composite
+def problems(draw, budget):
+    """Random q, k, v (float64) and LongHeads settings; budget "all" or "small" vs T."""
+    B, Hkv, G = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3]))
+    D = draw(st.sampled_from([2, 4, 8, 16]))
+    w, K = draw(st.integers(1, 6)), draw(st.integers(3, 8))
+    if budget == "all":
+        T = draw(st.integers(1, K * w))
+    else:  # at least one chunk beyond the budget; often a partial last chunk
+        T = draw(st.integers(K * w + 1, K * w + 3 * w + 5))
+    theta = draw(st.sampled_from([10.0, 500.0, 10000.0]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    q = torch.randn(B, Hkv * G, T, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, Hkv, T, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, Hkv, T, D, generator=gen, dtype=torch.float64)
+    return q, k, v, dict(chunk_size=w, num_chunks=K, rope_theta=theta)
+
+
+def causal_rope_attention(q, k, v, rope_theta):
+    """Ordinary causal attention with RoPE at true positions, from PyTorch's SDPA."""
+    G, T, D = q.shape[1] // k.shape[1], q.shape[2], q.shape[3]
+    cos, sin = rope_cos_sin(rope_inv_freq(D, rope_theta), torch.arange(T), torch.float64)
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    return F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v,
+                                          is_causal=True)
+
+
+@PROPERTY
+@given(problems("all"))
+def test_every_chunk_selected_is_causal_attention(problem):
+    q, k, v, opts = problem
+    expected = causal_rope_attention(q, k, v, opts["rope_theta"])
+    torch.testing.assert_close(longheads_attention(q, k, v, **opts), expected)
+
+
+@PROPERTY
+@given(problems("small"), st.integers(1, 7))
+def test_blocked_path_equals_reference(problem, block_size):
+    q, k, v, opts = problem
+    expected = longheads_reference(q, k, v, **opts)
+    torch.testing.assert_close(longheads_attention(q, k, v, block_size=block_size, **opts), expected)
+
+
+@PROPERTY
+@given(problems("small"), st.data())
+def test_prefill_equals_stepwise_decoding(problem, data):
+    q, k, v, opts = problem
+    B, H, T, D = q.shape
+    cache = LongHeadsCache(B, H, k.shape[1], T, D, dtype=q.dtype, **opts)
+    prefix = data.draw(st.integers(0, T), label="prefix")
+    cuts = [0, prefix]
+    while cuts[-1] < T:  # single decoding steps, with now and then a piece of several tokens
+        cuts.append(min(T, cuts[-1] + data.draw(st.sampled_from([1, 1, 1, 2, 5]), label="piece")))
+    outs = [cache(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e]) for s, e in zip(cuts, cuts[1:]) if e > s]
+    torch.testing.assert_close(torch.cat(outs, dim=2), longheads_attention(q, k, v, **opts))
+
+
+@PROPERTY
+@given(problems("small"))
+def test_selections_obey_the_rule(problem):
+    q, k, v, opts = problem
+    B, H, T, D = q.shape
+    w, K = opts["chunk_size"], opts["num_chunks"]
+    cache = LongHeadsCache(B, H, k.shape[1], T, D, dtype=q.dtype, **opts)
+    cache(q, k, v)  # fills keys and summaries
+    G, summaries = cache.groups, cache.summaries.flatten(1, 2)  # (B, H, n, D)
+    for g in range(T // w + (T % w > 0)):
+        s, e = g * w, min(T, (g + 1) * w)
+        ids, picked, pos = cache._layout(q[:, :, s:e].reshape(B, -1, G, e - s, D), s, e)
+        for z in range(B):
+            for hk in range(ids.shape[1]):
+                for i in range(G * (e - s)):  # query i of group hk: head hk * G + i // b, token s + i % b
+                    h, t = hk * G + i // (e - s), s + i % (e - s)
+                    chunks = ids[z, hk][picked[z, hk, i]].tolist()
+                    assert chunks == sorted(set(chunks)) and max(chunks) == g  # sorted, unique, no future
+                    assert {0, max(g - 1, 0), g} <= set(chunks) and len(chunks) == min(g + 1, K)
+                    assert chunks == reference_selection(q[z, h, t], summaries[z, h], g, K)
+                    ranks = torch.arange(len(chunks))  # §3: rank r is read from (n - 1 - r) w + o
+                    assert pos[z, hk, i][picked[z, hk, i]].tolist() == ((len(chunks) - 1 - ranks) * w + t - s).tolist()
+
+
+@PROPERTY
+@given(problems("small"))
+def test_gqa_equals_repeated_heads(problem):
+    q, k, v, opts = problem
+    G = q.shape[1] // k.shape[1]
+    repeated = longheads_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), **opts)
+    torch.testing.assert_close(longheads_attention(q, k, v, **opts), repeated)
+
+
+def test_select_chunks_small_contexts_take_everything():
+    q, summaries = torch.randn(2, 5, 4), torch.randn(2, 3, 4)  # chunk 4: candidates 1..2... padded
+    for g in range(5):
+        mask = select_chunks(q, summaries[:, :max(g - 2, 0)], g, num_chunks=5)
+        assert mask.shape == (2, 5, g + 1) and mask.all()
+
+
+def test_rope_tables_inverse_frequencies_and_theta_agree():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 50, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    opts = dict(chunk_size=4, num_chunks=5)
+    by_theta = longheads_attention(q, k, v, rope_theta=500.0, **opts)
+    inv_freq = rope_inv_freq(8, 500.0)
+    by_freq = longheads_attention(q, k, v, rope=inv_freq, **opts)
+    by_table = longheads_attention(q, k, v, rope=rope_cos_sin(inv_freq, torch.arange(20)), **opts)
+    torch.testing.assert_close(by_freq, by_theta)
+    torch.testing.assert_close(by_table, by_theta)
+    scaled = longheads_attention(q, k, v, rope=inv_freq / 4, **opts)  # linear scaling
+    assert not torch.allclose(scaled, by_theta)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_chunks=2), "num_chunks must be >= 3"),
+    (dict(chunk_size=0), "chunk_size must be >= 1"),
+    (dict(block_size=0), "block_size must be >= 1"),
+    (dict(rope=torch.ones(3)), "inverse frequencies must have shape"),
+    (dict(rope=(torch.ones(4, 8), torch.ones(4, 8))), "cos/sin tables"),
+])
+def test_bad_settings_are_value_errors(kwargs, message):
+    q = k = v = torch.randn(1, 2, 30, 8)
+    with pytest.raises(ValueError, match=message):
+        longheads_attention(q, k, v, **{"chunk_size": 4, **kwargs})
+
+
+@pytest.mark.parametrize("shapes, dtypes, message", [
+    (((1, 3, 10, 8), (1, 2, 10, 8)), None, "multiple of the key/value heads"),
+    (((1, 2, 10, 8), (1, 2, 9, 8)), None, "must agree"),
+    (((1, 2, 10, 8), (1, 2, 10)), None, "must be"),
+    (((1, 2, 10, 7), (1, 2, 10, 7)), None, "even D"),
+    (((1, 2, 10, 8), (1, 2, 10, 8)), (torch.float32, torch.float64), "one floating dtype"),
+])
+def test_bad_inputs_are_value_errors(shapes, dtypes, message):
+    dq, dk = dtypes or (torch.float32, torch.float32)
+    q, k = torch.randn(shapes[0], dtype=dq), torch.randn(shapes[1], dtype=dk)
+    with pytest.raises(ValueError, match=message):
+        longheads_attention(q, k, k.clone(), chunk_size=4)
+
+
+def test_cache_overflow_is_a_value_error():
+    cache = LongHeadsCache(1, 2, 1, 8, 4, chunk_size=4, num_chunks=3)
+    q, k = torch.randn(1, 2, 6, 4), torch.randn(1, 1, 6, 4)
+    cache(q, k, k)
+    with pytest.raises(ValueError, match="max_len=8"):
+        cache(q[:, :, :3], k[:, :, :3], k[:, :, :3])
+
+
+def test_memory_is_bounded_by_the_block():
+    """A long context allocates nothing of size T x T: the peak stays near the inputs' size."""
+    q = k = v = torch.randn(1, 1, 1024, 8)
+    peak = peak_allocated_bytes(lambda: longheads_attention(q, k, v, chunk_size=16, num_chunks=4))
+    assert peak < 1024 * 1024 * 4 / 8, peak  # a T x T float32 score tensor would be 4 MiB
+
+
+def peak_allocated_bytes(fn):
+    """The largest single CPU allocation fn makes, via the profiler's memory records."""
+    with torch.profiler.profile(profile_memory=True, record_shapes=False) as prof:
+        fn()
+    return max(e.cpu_memory_usage for e in prof.events())
+
+
+# ----------------------------------------------------------------------------- the Llama
+
+CHECKPOINTS = {  # name: transformers LlamaConfig arguments and save_pretrained arguments
+    "mha": (dict(num_key_value_heads=4), {}),
+    "gqa-sharded": (dict(num_key_value_heads=2), dict(max_shard_size="30KB")),
+    "tied": (dict(num_key_value_heads=1, tie_word_embeddings=True), {}),
+    "linear-rope": (dict(num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 4.0}), {}),
+}
+
+
+def save_checkpoint(name, path):
+    """Save a tiny random Llama with transformers into path; return the transformers model."""
+    transformers = pytest.importorskip("transformers")
+    config_args, save_args = CHECKPOINTS[name]
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, vocab_size=101, rope_theta=500.0,
+                                      **config_args)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(path, **save_args)
+    return hf
+
+
+@pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
+def checkpoint(request, tmp_path_factory):
+    """(directory, the transformers model) of each kind of tiny checkpoint."""
+    path = tmp_path_factory.mktemp(request.param)
+    return path, save_checkpoint(request.param, path)
+
+
+@pytest.fixture(scope="module")
+def mha_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plain")
+    save_checkpoint("mha", path)
+    return path
+
+
+def test_logits_and_greedy_tokens_match_transformers(checkpoint):
+    from model import Llama
+    path, hf = checkpoint
+    model = Llama.from_pretrained(path)
+    ids = torch.randint(0, 101, (2, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=0)
+    expected = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(model.generate(ids, max_new_tokens=12), expected)
+
+
+def test_longheads_with_every_chunk_selected_is_the_model(checkpoint):
+    from model import Llama
+    path, hf = checkpoint
+    model = Llama.from_pretrained(path, attention="longheads", chunk_size=8, num_chunks=5)
+    ids = torch.randint(0, 101, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_longheads_generate_equals_rerunning_the_sequence(checkpoint):
+    """Prefill + cached decoding picks what a full forward pass over the growing text picks."""
+    from model import Llama
+    path, _ = checkpoint
+    model = Llama.from_pretrained(path, attention="longheads", chunk_size=4, num_chunks=3)
+    ids = torch.randint(0, 101, (1, 30), generator=torch.Generator().manual_seed(3))
+    tokens = model.generate(ids, max_new_tokens=10)
+    with torch.no_grad():
+        for t in range(30, 40):
+            assert model(tokens[:, :t])[0, -1].argmax() == tokens[0, t]
+
+
+def test_both_rope_spellings_load_the_same_model(tmp_path, checkpoint):
+    """transformers >= 5 writes rope_parameters; older checkpoints say rope_theta + rope_scaling."""
+    from model import Llama
+    path, _ = checkpoint
+    config = json.loads((path / "config.json").read_text())
+    params = config.pop("rope_parameters")
+    config["rope_theta"] = params.pop("rope_theta")
+    config["rope_scaling"] = None if params["rope_type"] == "default" else {"type": params["rope_type"], **params}
+    classic = copy_checkpoint(path, tmp_path, config)
+    ids = torch.randint(0, 101, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(Llama.from_pretrained(classic)(ids), Llama.from_pretrained(path)(ids))
+
+
+def test_dtype_argument_converts_weights(checkpoint):
+    from model import Llama
+    model = Llama.from_pretrained(checkpoint[0], dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
+
+
+def copy_checkpoint(src, dst, config=None):
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    if config is not None:
+        (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c, p: c.update(model_type="mistral"), "model_type='mistral' is not supported"),
+    (lambda c, p: c.update(attention_bias=True), "attention_bias=True is not supported"),
+    (lambda c, p: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "rope type 'yarn'"),
+    (lambda c, p: c.update(num_key_value_heads=1), "k_proj.weight has shape"),
+    (lambda c, p: c.update(intermediate_size=64), "mlp.down_proj.weight has shape"),
+    (lambda c, p: c.update(num_hidden_layers=3), "model.layers.2.input_layernorm.weight is missing"),
+    (lambda c, p: c.update(num_hidden_layers=1), "model.layers.1.input_layernorm.weight is not part"),
+    (lambda c, p: (p / "model.safetensors").write_bytes(b"garbage"), "not a readable safetensors"),
+    (lambda c, p: (p / "model.safetensors").unlink(), "no model.safetensors"),
+    (lambda c, p: (p / "config.json").write_text("{"), "config.json is not valid JSON"),
+])
+def test_bad_checkpoints_are_one_clear_error(tmp_path, mha_checkpoint, change, message):
+    from model import Llama
+    path = mha_checkpoint
+    config = json.loads((path / "config.json").read_text())
+    copy_checkpoint(path, tmp_path)
+    change(config, tmp_path)
+    if (tmp_path / "config.json").read_text() != "{":
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_missing_directory_is_one_clear_error(tmp_path):
+    from model import Llama
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        Llama.from_pretrained(tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+TEXT = ["The grass is green. The sky is blue. The sun is yellow.", "The pass key is 12345.",
+        "Remember it. 12345 is the pass key.", "What is the pass key? Here we go. There and back again."]
+
+
+def test_sentencepiece_tokenizer_round_trips(tmp_path):
+    import sentencepiece
+    from tokenizer import Tokenizer
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(TEXT * 50), model_prefix=str(tmp_path / "tokenizer"),
+                                             vocab_size=40, bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    tok = Tokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 40)
+    for text in TEXT:
+        ids = tok.encode(text)
+        assert ids[0] == 1 and tok.decode(ids[1:]) == text
+        assert tok.encode(text, bos=False) == ids[1:]
+
+
+def test_json_tokenizer_round_trips_with_special_ids_from_its_config(tmp_path):
+    import tokenizers
+    from tokenizer import Tokenizer
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(TEXT * 20, trainer)
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tok = Tokenizer(tmp_path / "tokenizer.json")
+    assert (tok.bos_id, tok.eos_id, tok.add_bos) == (0, 1, False)
+    for text in TEXT + ["ünïcødé 42 !"]:
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("hi", bos=True)[0] == 0
+
+
+def test_directory_without_tokenizer_is_one_clear_error(tmp_path):
+    from tokenizer import Tokenizer
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json"):
+        Tokenizer(tmp_path)
