@@ -185,15 +185,15 @@ class LongHeadsCache(torch.nn.Module):
         B, Hkv, G, b, D = q.shape
         w, dev = self.w, q.device
         ids, picked, pos = self._layout(q, s, e)  # (B, Hkv, U), (B, Hkv, Gb, U), (B, Hkv, Gb, U)
-        qr = apply_rope(q.reshape(B, Hkv, G * b, 1, D), self.cos[pos], self.sin[pos])  # (B, Hkv, Gb, U, D)
+        qr = apply_rope(q.reshape(B, Hkv, G * b, 1, D), self.cos[pos], self.sin[pos]) / math.sqrt(D)  # (B, Hkv, Gb, U, D)
         at = (torch.arange(B, device=dev)[:, None, None], torch.arange(Hkv, device=dev)[None, :, None], ids)
         k = self.k.view(B, Hkv, -1, w, D)[at]  # (B, Hkv, U, w, D): each picked chunk read once
         v = self.v.view(B, Hkv, -1, w, D)[at]
-        logits = torch.einsum("zhtud,zhuwd->zhtuw", qr, k) / math.sqrt(D)  # (B, Hkv, Gb, U, w)
-        key_pos = ids[..., None] * w + torch.arange(w, device=dev)  # (B, Hkv, U, w)
-        query_pos = torch.arange(s, e, device=dev).repeat(G)  # (Gb,)
-        allowed = picked[..., None] & (key_pos[:, :, None] <= query_pos[:, None, None])  # (B, Hkv, Gb, U, w)
-        logits = logits.to(self.summaries.dtype).masked_fill(~allowed, float("-inf"))  # float32 or wider
+        logits = torch.einsum("zhtud,zhuwd->zhtuw", qr, k).to(self.summaries.dtype)  # (B, Hkv, Gb, U, w), float32+
+        logits.masked_fill_(~picked[..., None], float("-inf"))  # chunks this query did not pick
+        o = torch.arange(s, e, device=dev).repeat(G) - (s // w) * w  # (Gb,) offsets in the own chunk
+        future = torch.arange(w, device=dev) > o[:, None]  # (Gb, w)
+        logits[..., -1, :].masked_fill_(future, float("-inf"))  # the own chunk is the last slot: causal
         probs = torch.softmax(logits.flatten(-2), dim=-1).view_as(logits).to(v.dtype)  # over all U * w keys
         return torch.einsum("zhtuw,zhuwd->zhtd", probs, v).view(B, Hkv, G, b, D)
 
@@ -210,7 +210,8 @@ class LongHeadsCache(torch.nn.Module):
         # why: queries of one chunk mostly pick the same chunks, so the block reads their union once
         used = sel.any(dim=2)  # (B, Hkv, g + 1)
         U = int(used.sum(-1).max())
-        ids = torch.argsort((~used).byte(), dim=-1, stable=True)[..., :U]  # (B, Hkv, U): used first, in order
+        order = torch.where(used, torch.arange(g + 1, device=q.device), -1)  # unused chunks sort first
+        ids = order.argsort(dim=-1)[..., -U:]  # (B, Hkv, U): the used chunks in order; own chunk g last
         ids_q = ids[:, :, None].expand(-1, -1, G * b, -1)  # (B, Hkv, Gb, U)
         picked = sel.gather(-1, ids_q)
         # §3: the chunk of rank r is read from (n_sel - 1 - r) * w + o: the query moves, not the keys
