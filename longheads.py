@@ -70,6 +70,16 @@ def rope_table(rope, rope_theta, head_dim, length, device, dtype=torch.float32):
     return rope_cos_sin(inv_freq.to(device), torch.arange(length, device=device), dtype)
 
 
+def causal_attention(q, k, v):
+    """Ordinary causal attention of the last T of S positions: q (B, H, T, D), k and v (B, Hkv, S, D)."""
+    T, S = q.shape[2], k.shape[2]
+    # why: SDPA's is_causal aligns the mask top-left; queries after a cached prefix need it aligned
+    # bottom-right, so they get an explicit mask (a single new token needs none)
+    mask = None if T in (1, S) else (
+        torch.arange(S, device=q.device) <= torch.arange(S - T, S, device=q.device)[:, None])  # (T, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=1 < T == S, enable_gqa=True)
+
+
 # ----------------------------------------------------------------------------- §1 and §2
 
 def chunk_summaries(q, k, v):
@@ -139,12 +149,26 @@ class LongHeadsCache(torch.nn.Module):
         check_inputs(q, k, v, cache=self)
         B, H, T, D = q.shape
         start = self.length
-        q = q.reshape(B, -1, self.groups, T, D)  # (B, Hkv, G, T, D): query head h reads kv head h // G
-        self._store(q, k, v)
-        out = q.new_empty(q.shape)
-        for s, e in self._blocks(start, start + T):
-            out[..., s - start:e - start, :] = self._attend(q[..., s - start:e - start, :], s, e)
-        return out.reshape(B, H, T, D)
+        qg = q.reshape(B, -1, self.groups, T, D)  # (B, Hkv, G, T, D): query head h reads kv head h // G
+        self._store(qg, k, v)
+        out = q.new_empty(B, H, T, D)
+        near = min(T, max(0, self.K * self.w - start))  # queries in the first K chunks
+        if near:
+            out[:, :, :near] = self._attend_all(q[:, :, :near], start)
+        outg = out.view(B, -1, self.groups, T, D)
+        for s, e in self._blocks(start + near, start + T):
+            outg[..., s - start:e - start, :] = self._attend(qg[..., s - start:e - start, :], s, e)
+        return out
+
+    def _attend_all(self, q, s):
+        """§2, g < K: queries s.. (B, H, b, D) read every chunk at its true position: causal attention."""
+        e = s + q.shape[2]
+        chunk_start = torch.arange(e, device=q.device) // self.w * self.w  # (e,)
+        # RoPE composes: a key rotated to its chunk-local offset, then by its chunk's start, is
+        # the key at its true position
+        k = apply_rope(self.k[:, :, :e], self.cos[chunk_start], self.sin[chunk_start])  # (B, Hkv, e, D)
+        q = apply_rope(q, self.cos[s:e], self.sin[s:e])
+        return causal_attention(q, k, self.v[:, :, :e])
 
     def _blocks(self, start, end):
         """Query blocks [s, e) that never cross a chunk boundary: their queries share chunk g."""

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-from longheads import LongHeadsCache, apply_rope, rope_cos_sin, rope_inv_freq
+from longheads import LongHeadsCache, apply_rope, causal_attention, rope_cos_sin, rope_inv_freq
 
 ROPE_TYPES = ("default", "linear", "dynamic")
 ATTENTIONS = ("full", "longheads")
@@ -110,13 +110,7 @@ class KVCache(nn.Module):
         self.k[:, :, start:end] = apply_rope(k, cos, sin)
         self.v[:, :, start:end] = v
         self.length = end
-        q = apply_rope(q, cos, sin)
-        # why: SDPA's is_causal aligns the mask top-left; queries after a cached prefix need it
-        # aligned bottom-right, so they get an explicit mask (a single new token needs none)
-        mask = None if start == 0 or T == 1 else (
-            torch.arange(end, device=q.device) <= torch.arange(start, end, device=q.device)[:, None])  # (T, end)
-        return F.scaled_dot_product_attention(q, self.k[:, :, :end], self.v[:, :, :end], attn_mask=mask,
-                                              is_causal=start == 0 and T > 1, enable_gqa=True)
+        return causal_attention(apply_rope(q, cos, sin), self.k[:, :, :end], self.v[:, :, :end])
 
 
 # ----------------------------------------------------------------------------- the modules
@@ -190,7 +184,10 @@ class Llama(nn.Module):
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
         self.config, self.attention = cfg, attention
-        self.chunk_size, self.num_chunks = chunk_size, num_chunks
+        # num_chunks=None is the paper's rule: a budget of the trained length, so that nothing
+        # changes for contexts the model was trained on
+        self.chunk_size = chunk_size
+        self.num_chunks = num_chunks or max(3, cfg.max_position_embeddings // chunk_size)
         self.model = Body(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 

