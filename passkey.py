@@ -41,7 +41,7 @@ class UsageError(Exception):
 def build_prompt(tok, length, depth, key):
     """Token ids of exactly `length` tokens with the key line after `depth` of the filler."""
     head = tok.encode(TASK)  # with BOS where the model's tokenizer adds one
-    filler, key_ids, question = (tok.encode(s, bos=False) for s in (FILLER, KEY_LINE.format(key=key), QUESTION))
+    filler, key_ids, question = (tok.continuation(s) for s in (FILLER, KEY_LINE.format(key=key), QUESTION))
     room = length - len(head) - len(key_ids) - len(question)  # tokens of filler
     if room < 0:
         raise UsageError(f"--len {length} is shorter than the prompt's fixed parts "
@@ -92,14 +92,15 @@ class prefill_progress:
 
 # ----------------------------------------------------------------------------- checks
 
-def bytes_needed(cfg, length, attention, chunk_size, dtype):
+def bytes_needed(cfg, length, attention, chunk_size, num_chunks, dtype):
     """A generous estimate of the memory a trial needs beyond the weights."""
     size = torch.finfo(dtype).bits // 8
     tokens = length + NEW_TOKENS
     cache = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * tokens * cfg.head_dim * size
     widths = 4 * cfg.hidden_size + 3 * cfg.intermediate_size + (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
     activations = tokens * widths * size
-    work = 3 * cfg.num_attention_heads * chunk_size * tokens * 4 if attention == "longheads" else 0  # a block's scores
+    # a block's scores: w queries x (a union of, generously, 2K chunks) x w keys, a few copies
+    work = 3 * cfg.num_attention_heads * chunk_size * 2 * num_chunks * chunk_size * 4 if attention == "longheads" else 0
     return cache + activations + work
 
 
@@ -134,7 +135,7 @@ def check_args(args):
 def check_memory(model, args, dtype):
     free = bytes_free(torch.device(args.device))
     for attention in attentions(args):
-        need = bytes_needed(model.config, max(args.len), attention, model.chunk_size, dtype)
+        need = bytes_needed(model.config, max(args.len), attention, model.chunk_size, model.num_chunks, dtype)
         if free is not None and need > free:
             raise UsageError(f"--len {max(args.len)} with {attention} attention needs about "
                              f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free: use a "
@@ -158,8 +159,19 @@ def load(args):
     return model, Tokenizer(path), dtype
 
 
+def check_model(model, tok, args):
+    """What can only be checked once the model is known: budget, lengths, memory."""
+    budget, trained = model.chunk_size * model.num_chunks, model.config.max_position_embeddings
+    if args.attention != "full" and budget > trained:
+        raise UsageError(f"--chunk-size x --num-chunks = {budget} exceeds the model's trained "
+                         f"length {trained}: LongHeads would show it distances it never saw")
+    for length in args.len:
+        build_prompt(tok, length, 0.0, 10000)  # too short raises here, before any trial runs
+
+
 def sweep(args):
     model, tok, dtype = load(args)
+    check_model(model, tok, args)
     check_memory(model, args, dtype)
     print(f"model {args.model or 'SmolLM2-135M-Instruct'} (trained at {model.config.max_position_embeddings}), "
           f"LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks}, {args.device} {str(dtype)[6:]}")
@@ -251,6 +263,9 @@ def main(argv=None):
     except (UsageError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"passkey.py: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("\npasskey.py: interrupted (--json holds the trials finished so far)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

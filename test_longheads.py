@@ -169,14 +169,14 @@ def test_cache_overflow_is_a_value_error():
 
 
 def test_memory_is_bounded_by_the_block():
-    """A long context allocates nothing of size T x T: the peak stays near the inputs' size."""
+    """No single operation of a long context allocates anything near a T x T score tensor."""
     q = k = v = torch.randn(1, 1, 1024, 8)
     peak = peak_allocated_bytes(lambda: longheads_attention(q, k, v, chunk_size=16, num_chunks=4))
     assert peak < 1024 * 1024 * 4 / 8, peak  # a T x T float32 score tensor would be 4 MiB
 
 
 def peak_allocated_bytes(fn):
-    """The largest single CPU allocation fn makes, via the profiler's memory records."""
+    """The most memory any one operation of fn holds, net, via the profiler's memory records."""
     with torch.profiler.profile(profile_memory=True, record_shapes=False) as prof:
         fn()
     return max(e.cpu_memory_usage for e in prof.events())
@@ -190,12 +190,14 @@ CHECKPOINTS = {  # name: transformers LlamaConfig arguments and save_pretrained 
     "tied": (dict(num_key_value_heads=1, tie_word_embeddings=True), {}),
     "linear-rope": (dict(num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 4.0}), {}),
 }
+DYNAMIC = (dict(num_key_value_heads=2, max_position_embeddings=16,
+                rope_scaling={"rope_type": "dynamic", "factor": 2.0}), {})
 
 
 def save_checkpoint(name, path):
     """Save a tiny random Llama with transformers into path; return the transformers model."""
     transformers = pytest.importorskip("transformers")
-    config_args, save_args = CHECKPOINTS[name]
+    config_args, save_args = DYNAMIC if name == "dynamic-rope" else CHECKPOINTS[name]
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                       num_attention_heads=4, vocab_size=101, rope_theta=500.0,
@@ -239,6 +241,38 @@ def test_longheads_with_every_chunk_selected_is_the_model(checkpoint):
         torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=0)
 
 
+def test_dynamic_rope_logits_match_transformers(tmp_path):
+    """Dynamic NTK RoPE (here past its 16 trained positions). Only logits: transformers changes
+    the frequencies while it generates, we fix them for the cache's length (README, Notes)."""
+    from model import Llama
+    hf = save_checkpoint("dynamic-rope", tmp_path)
+    ids = torch.randint(0, 101, (1, 37), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(Llama.from_pretrained(tmp_path)(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+class ReferenceAttention(torch.nn.Module):
+    """A stand-in for a layer's cache that computes LongHeads with the slow reference."""
+
+    def __init__(self, inv_freq, chunk_size, num_chunks):
+        super().__init__()
+        self.inv_freq, self.opts = inv_freq, dict(chunk_size=chunk_size, num_chunks=num_chunks)
+
+    def forward(self, q, k, v):
+        return longheads_reference(q.double(), k.double(), v.double(), rope=self.inv_freq, **self.opts).float()
+
+
+def test_selective_longheads_model_equals_the_reference(checkpoint):
+    """With a budget far below the prompt, the model's logits are those of the reference loop."""
+    from model import Llama
+    path, _ = checkpoint
+    model = Llama.from_pretrained(path, attention="longheads", chunk_size=3, num_chunks=4)
+    ids = torch.randint(0, 101, (1, 33), generator=torch.Generator().manual_seed(5))
+    reference = [ReferenceAttention(model.config.inv_freq(12), 3, 4) for _ in model.model.layers]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), model(ids, caches=reference), atol=1e-4, rtol=0)
+
+
 def test_longheads_generate_equals_rerunning_the_sequence(checkpoint):
     """Prefill + cached decoding picks what a full forward pass over the growing text picks."""
     from model import Llama
@@ -252,17 +286,44 @@ def test_longheads_generate_equals_rerunning_the_sequence(checkpoint):
 
 
 def test_both_rope_spellings_load_the_same_model(tmp_path, checkpoint):
-    """transformers >= 5 writes rope_parameters; older checkpoints say rope_theta + rope_scaling."""
-    from model import Llama
+    """transformers >= 5 writes rope_parameters; older checkpoints say rope_theta + rope_scaling
+    (with "type", the oldest key). Both spellings of the same RoPE give the same model."""
+    from model import Llama, rope_settings
     path, _ = checkpoint
     config = json.loads((path / "config.json").read_text())
-    params = config.pop("rope_parameters")
-    config["rope_theta"] = params.pop("rope_theta")
-    config["rope_scaling"] = None if params["rope_type"] == "default" else {"type": params["rope_type"], **params}
-    classic = copy_checkpoint(path, tmp_path, config)
+    rope = rope_settings(config)
+    scaling = {"type": rope["rope_type"], "factor": rope["rope_factor"]}
+    config = {k: v for k, v in config.items() if k not in ("rope_parameters", "rope_scaling", "rope_theta")}
+    classic = {**config, "rope_theta": rope["rope_theta"], "rope_scaling": None if rope["rope_type"] == "default" else scaling}
+    new = {**config, "rope_parameters": {"rope_type": rope["rope_type"], "rope_theta": rope["rope_theta"], "factor": rope["rope_factor"]}}
     ids = torch.randint(0, 101, (1, 20))
     with torch.no_grad():
-        assert torch.equal(Llama.from_pretrained(classic)(ids), Llama.from_pretrained(path)(ids))
+        a = Llama.from_pretrained(copy_checkpoint(path, tmp_path / "classic", classic))(ids)
+        b = Llama.from_pretrained(copy_checkpoint(path, tmp_path / "new", new))(ids)
+        assert torch.equal(a, b) and torch.equal(a, Llama.from_pretrained(path)(ids))
+
+
+def test_tying_follows_the_config_or_a_missing_output_layer(tmp_path, mha_checkpoint):
+    from model import Llama
+    config = json.loads((mha_checkpoint / "config.json").read_text())
+    untied = Llama.from_pretrained(mha_checkpoint)
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+    tied = Llama.from_pretrained(copy_checkpoint(mha_checkpoint, tmp_path, {**config, "tie_word_embeddings": True}))
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight  # the stored lm_head is ignored
+
+
+def test_longheads_in_bfloat16_stays_close_to_float64():
+    """Half precision: summaries and softmax run in float32, the rest in bfloat16."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(1, 4, 70, 16, generator=gen), torch.randn(1, 2, 70, 16, generator=gen), torch.randn(1, 2, 70, 16, generator=gen)
+    opts = dict(chunk_size=8, num_chunks=4)
+    exact = longheads_attention(q.double(), k.double(), v.double(), **opts)
+    half = longheads_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), **opts)
+    assert half.dtype == torch.bfloat16 and (half.double() - exact).abs().max() < 0.05
+    cache = LongHeadsCache(1, 4, 2, 70, 16, dtype=torch.bfloat16, **opts)
+    steps = [cache(q[:, :, :20].bfloat16(), k[:, :, :20].bfloat16(), v[:, :, :20].bfloat16())]
+    steps += [cache(q[:, :, t:t + 1].bfloat16(), k[:, :, t:t + 1].bfloat16(), v[:, :, t:t + 1].bfloat16()) for t in range(20, 70)]
+    assert (torch.cat(steps, 2).double() - half.double()).abs().max() < 0.02  # a bfloat16 ulp or two
 
 
 def test_dtype_argument_converts_weights(checkpoint):
@@ -273,6 +334,7 @@ def test_dtype_argument_converts_weights(checkpoint):
 
 
 def copy_checkpoint(src, dst, config=None):
+    dst.mkdir(exist_ok=True)
     for f in src.iterdir():
         (dst / f.name).write_bytes(f.read_bytes())
     if config is not None:
@@ -291,6 +353,7 @@ def copy_checkpoint(src, dst, config=None):
     (lambda c, p: (p / "model.safetensors").write_bytes(b"garbage"), "not a readable safetensors"),
     (lambda c, p: (p / "model.safetensors").unlink(), "no model.safetensors"),
     (lambda c, p: (p / "config.json").write_text("{"), "config.json is not valid JSON"),
+    (lambda c, p: c.pop("hidden_size"), "hidden_size must be a positive integer"),
 ])
 def test_bad_checkpoints_are_one_clear_error(tmp_path, mha_checkpoint, change, message):
     from model import Llama
@@ -329,6 +392,19 @@ def test_sentencepiece_tokenizer_round_trips(tmp_path):
         assert tok.encode(text, bos=False) == ids[1:]
 
 
+def test_sentencepiece_continuation_has_no_stray_space(tmp_path):
+    """Llama's sentencepiece adds a word-start marker to every encode: a piece of a longer text
+    must not start with an extra lone one."""
+    import sentencepiece
+    from tokenizer import Tokenizer
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(TEXT * 50), model_prefix=str(tmp_path / "tokenizer"),
+                                             vocab_size=40, add_dummy_prefix=True, remove_extra_whitespaces=False,
+                                             bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    tok = Tokenizer(tmp_path)
+    whole = tok.encode(TEXT[0] + " " + TEXT[1], bos=False)
+    assert tok.encode(TEXT[0], bos=False) + tok.continuation(" " + TEXT[1]) == whole
+
+
 def test_json_tokenizer_round_trips_with_special_ids_from_its_config(tmp_path):
     import tokenizers
     from tokenizer import Tokenizer
@@ -341,7 +417,7 @@ def test_json_tokenizer_round_trips_with_special_ids_from_its_config(tmp_path):
     bpe.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     tok = Tokenizer(tmp_path / "tokenizer.json")
-    assert (tok.bos_id, tok.eos_id, tok.add_bos) == (0, 1, False)
+    assert (tok.bos_id, tok.eos_id) == (0, 1) and tok.encode("hi")[0] != 0  # no post-processor: no BOS
     for text in TEXT + ["ünïcødé 42 !"]:
         assert tok.decode(tok.encode(text)) == text
     assert tok.encode("hi", bos=True)[0] == 0

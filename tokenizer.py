@@ -3,7 +3,7 @@ Hugging Face `tokenizer.json` (byte-level BPE models such as SmolLM2), behind on
 
 The special ids come from the files beside the tokenizer: sentencepiece models carry their own;
 for tokenizer.json they are read from config.json (bos_token_id, eos_token_id) or
-tokenizer_config.json (bos_token, eos_token, add_bos_token).
+tokenizer_config.json (bos_token, eos_token).
 """
 import json
 from pathlib import Path
@@ -29,7 +29,6 @@ class Tokenizer:
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None  # -1: the model has none
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
         self.vocab_size = self.sp.vocab_size()
-        self.add_bos = self.bos_id is not None  # Llama and Mistral prompts start with <s>
 
     def _load_json(self, file):
         import tokenizers
@@ -40,10 +39,10 @@ class Tokenizer:
         self.sp = None
         settings = read_json_if_any(file.parent / "tokenizer_config.json")
         config = read_json_if_any(file.parent / "config.json")
-        self.bos_id = config.get("bos_token_id", self._token_id(settings.get("bos_token")))
-        self.eos_id = config.get("eos_token_id", self._token_id(settings.get("eos_token")))
+        bos, eos = config.get("bos_token_id"), config.get("eos_token_id")
+        self.bos_id = bos if bos is not None else self._token_id(settings.get("bos_token"))
+        self.eos_id = eos if eos is not None else self._token_id(settings.get("eos_token"))
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        self.add_bos = bool(settings.get("add_bos_token", False)) and self.bos_id is not None
 
     def _token_id(self, token):
         if isinstance(token, dict):  # {"content": "<s>", ...} in older tokenizer_config files
@@ -51,10 +50,22 @@ class Tokenizer:
         return self.tok.token_to_id(token) if isinstance(token, str) else None
 
     def encode(self, text, bos=None):
-        """text -> list of ids; bos=None adds BOS where the model's own tokenizer does."""
+        """text -> list of ids. bos=None does what the model's own tokenizer does: sentencepiece
+        Llamas start with BOS, a tokenizer.json adds what its post-processor says."""
+        if self.sp is None and bos is None:
+            return self.tok.encode(text).ids
         ids = self.sp.encode(text) if self.sp else self.tok.encode(text, add_special_tokens=False).ids
-        add = self.add_bos if bos is None else bos
+        add = bos if bos is not None else self.bos_id is not None
         return [self.bos_id] + ids if add and self.bos_id is not None else ids
+
+    def continuation(self, text):
+        """The ids of text as they come in the middle of a longer text (no BOS, and no extra
+        space token: a sentencepiece model would otherwise add its word-start marker again)."""
+        head = self.encode("x", bos=False)
+        ids = self.encode("x" + text, bos=False)
+        if ids[:len(head)] != head:
+            raise ValueError(f"cannot tokenize {text!r} as a continuation")
+        return ids[len(head):]
 
     def decode(self, ids):
         ids = [int(i) for i in ids]
