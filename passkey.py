@@ -3,7 +3,8 @@
 The test of Landmark Attention (Mohtashami & Jaggi, 2023), reused by the LongHeads paper: a task
 line, the filler "The grass is green. The sky is blue. ..." repeated, "The pass key is N.
 Remember it. N is the pass key." at some depth, more filler, then "What is the pass key? The
-pass key is". Greedy decoding; a trial is correct when the first integer generated equals N.
+pass key is", the five parts on lines of their own as in Landmark's code. Greedy decoding; a
+trial is correct when the first integer generated equals N.
 A RoPE model answers well inside its trained length and fails beyond it; LongHeads keeps every
 head inside the trained length and should answer at any length.
 
@@ -27,8 +28,8 @@ import torch
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
         "them. I will quiz you about the important information there.")
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-KEY_LINE = " The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = " What is the pass key? The pass key is"
+KEY_LINE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+QUESTION = "\nWhat is the pass key? The pass key is"
 NEW_TOKENS = 10  # enough for a 5-digit key, one digit per token, and a leading space
 
 
@@ -40,7 +41,7 @@ class UsageError(Exception):
 
 def build_prompt(tok, length, depth, key):
     """Token ids of exactly `length` tokens with the key line after `depth` of the filler."""
-    head = tok.encode(TASK)  # with BOS where the model's tokenizer adds one
+    head = tok.encode(TASK) + tok.continuation("\n")  # with BOS where the model's tokenizer adds one
     filler, key_ids, question = (tok.continuation(s) for s in (FILLER, KEY_LINE.format(key=key), QUESTION))
     room = length - len(head) - len(key_ids) - len(question)  # tokens of filler
     if room < 0:

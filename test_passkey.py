@@ -74,7 +74,7 @@ def test_prompt_has_exact_length_and_key_at_depth(tokenizer, length, depth):
     assert len(ids) == length
     text = tokenizer.decode(ids)
     assert text.count("54321") == 2 and text.endswith(passkey.QUESTION)
-    start, key_at = len(passkey.TASK), text.index(" The pass key is 54321")
+    start, key_at = len(passkey.TASK), text.index("\nThe pass key is 54321")
     filler = len(text) - len(passkey.TASK) - len(passkey.QUESTION) - len(passkey.KEY_LINE.format(key=54321))
     assert abs((key_at - start) / filler - depth) < 0.1  # to a whole filler sentence
 
