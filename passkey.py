@@ -161,7 +161,7 @@ def load(args):
 
 
 def check_model(model, tok, args):
-    """What can only be checked once the model is known: budget, lengths, memory."""
+    """What can only be checked once the model is known: the budget and the lengths."""
     budget, trained = model.chunk_size * model.num_chunks, model.config.max_position_embeddings
     if args.attention != "full" and budget > trained:
         raise UsageError(f"--chunk-size x --num-chunks = {budget} exceeds the model's trained "
