@@ -9,7 +9,6 @@ Then: our Llama == transformers.LlamaForCausalLM on checkpoints transformers sav
 checkpoints are one clear error each.
 """
 import json
-import math
 
 import pytest
 import torch
