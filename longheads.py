@@ -17,7 +17,7 @@ This file is the whole method (the specification is DESIGN.md; its sections are 
   - longheads_reference      a slow per-query loop written straight from the specification
 
 Shapes: B batch, H query heads, Hkv key/value heads, G = H // Hkv heads per group, T tokens,
-D head dim, w chunk size, n chunks, b queries in a block, U chunks in a block's union.
+D head dim, w chunk size, n chunks, b queries in a block, P (query, chunk) pairs.
 What this is not: a kernel. It is plain PyTorch (CPU and CUDA), written to be read.
 """
 import math
@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 SUMMARY_TOKENS = 4096  # chunks are summarised this many tokens at a time (bounds working memory)
+BLOCK_SCORES = 2**24  # default query block: about this many (query, key) scores (64 MiB in float32)
+TILE = 64  # (query, chunk) pairs that share one read of a chunk's keys
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -97,21 +99,21 @@ def chunk_summaries(q, k, v):
     return (weights @ k).squeeze(-2)  # (B, Hkv, G, n, D)
 
 
-def select_chunks(q, summaries, chunk, num_chunks):
-    """§2: the chunks that queries in chunk `chunk` attend to, as a mask over chunks 0..chunk.
+def select_chunks(q, summaries, chunks, num_chunks):
+    """§2: the chunks that queries past the first num_chunks chunks attend to, as sorted indices.
 
-    q: (..., b, D) raw queries; summaries: (..., chunk - 2, D), the summary keys of the
-    candidates 1..chunk-2. Returns a bool mask (..., b, chunk + 1). Chunk 0, the previous chunk and
-    the own chunk are always in; the best num_chunks - 3 candidates join them. With no more
-    than num_chunks chunks to choose from, every chunk is in: ordinary causal attention.
+    q: (..., b, D) raw queries; chunks: (b,) the chunk each query sits in, all >= num_chunks;
+    summaries: (..., n, D) the summary keys of chunks 0..n-1, n = max(chunks) - 1. Returns
+    (..., b, num_chunks): chunk 0, the best num_chunks - 3 candidates among chunks 1..g-2, the
+    previous chunk g-1 and the own chunk g, in order. (Queries in the first num_chunks chunks
+    read every chunk, which is ordinary causal attention.)
     """
-    scores = q.to(summaries.dtype) @ summaries.transpose(-1, -2)  # (..., b, chunk - 2)
-    top = scores.topk(min(num_chunks - 3, scores.shape[-1]), dim=-1).indices  # (..., b, K - 3)
-    mask = torch.zeros(*q.shape[:-1], chunk + 1, dtype=torch.bool, device=q.device)
-    mask.scatter_(-1, top + 1, True)  # + 1: candidate i is chunk i + 1
-    mask[..., 0] = True
-    mask[..., max(chunk - 1, 0):] = True
-    return mask
+    candidates = summaries[..., 1:, :]  # (..., n - 1, D): candidate i is chunk i + 1
+    scores = q.to(summaries.dtype) @ candidates.transpose(-1, -2)  # (..., b, n - 1)
+    future = torch.arange(1, candidates.shape[-2] + 1, device=q.device) >= chunks[:, None] - 1  # (b, n - 1)
+    top = scores.masked_fill_(future, float("-inf")).topk(num_chunks - 3, dim=-1).indices + 1
+    chunks = chunks[:, None].expand(*top.shape[:-1], 1)  # (..., b, 1)
+    return torch.cat([torch.zeros_like(chunks), top.sort(dim=-1).values, chunks - 1, chunks], dim=-1)
 
 
 # ----------------------------------------------------------------------------- §3, §4: the cache
@@ -132,8 +134,9 @@ class LongHeadsCache(torch.nn.Module):
         super().__init__()
         check_config(num_heads, num_kv_heads, chunk_size, num_chunks, block_size)
         self.w, self.K, self.groups = chunk_size, num_chunks, num_heads // num_kv_heads
-        self.block_size = block_size or chunk_size
-        self.max_len, self.length = max_len, 0
+        # a block's working memory: its (query, key) scores, and its own-chunk window of b x (b + w)
+        self.block_size = block_size or max(1, min(chunk_size, BLOCK_SCORES // (batch * num_heads * num_chunks * chunk_size)))
+        self.max_len, self.length, self.scratch = max_len, 0, {}
         n = -(-max_len // chunk_size)  # chunks, the last one possibly partial
         self.register_buffer("k", torch.zeros(batch, num_kv_heads, n * chunk_size, head_dim, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros_like(self.k), persistent=False)
@@ -156,7 +159,8 @@ class LongHeadsCache(torch.nn.Module):
         if near:
             out[:, :, :near] = self._attend_all(q[:, :, :near], start)
         outg = out.view(B, -1, self.groups, T, D)
-        for s, e in self._blocks(start + near, start + T):
+        for s in range(start + near, start + T, self.block_size):
+            e = min(start + T, s + self.block_size)
             outg[..., s - start:e - start, :] = self._attend(qg[..., s - start:e - start, :], s, e)
         return out
 
@@ -169,14 +173,6 @@ class LongHeadsCache(torch.nn.Module):
         k = apply_rope(self.k[:, :, :e], self.cos[chunk_start], self.sin[chunk_start])  # (B, Hkv, e, D)
         q = apply_rope(q, self.cos[s:e], self.sin[s:e])
         return causal_attention(q, k, self.v[:, :, :e])
-
-    def _blocks(self, start, end):
-        """Query blocks [s, e) that never cross a chunk boundary: their queries share chunk g."""
-        s = start
-        while s < end:
-            e = min(end, (s // self.w + 1) * self.w, s + self.block_size)
-            yield s, e
-            s = e
 
     def _store(self, q, k, v):
         """Write local-RoPE keys and values; summarise every chunk these tokens complete."""
@@ -204,45 +200,93 @@ class LongHeadsCache(torch.nn.Module):
         v = self.v[:, :, first * w:(first + n) * w].view(B, Hkv, 1, n, w, D)
         self.summaries[:, :, :, first:first + n] = chunk_summaries(q, k, v)
 
+    def _scratch(self, name, *shape):
+        """A reused buffer: on the CPU, a fresh large tensor per block costs page faults."""
+        n = math.prod(shape)
+        buf = self.scratch.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.scratch[name] = self.k.new_empty(n)
+        return buf[:n].view(shape)
+
     def _attend(self, q, s, e):
-        """Attention of queries s..e-1 (all in chunk g), q: (B, Hkv, G, b, D) -> same shape."""
-        B, Hkv, G, b, D = q.shape
-        w, dev = self.w, q.device
-        ids, picked, pos = self._layout(q, s, e)  # (B, Hkv, U), (B, Hkv, Gb, U), (B, Hkv, Gb, U)
-        qr = apply_rope(q.reshape(B, Hkv, G * b, 1, D), self.cos[pos], self.sin[pos]) / math.sqrt(D)  # (B, Hkv, Gb, U, D)
-        at = (torch.arange(B, device=dev)[:, None, None], torch.arange(Hkv, device=dev)[None, :, None], ids)
-        k = self.k.view(B, Hkv, -1, w, D)[at]  # (B, Hkv, U, w, D): each picked chunk read once
-        v = self.v.view(B, Hkv, -1, w, D)[at]
-        logits = torch.einsum("zhtud,zhuwd->zhtuw", qr, k).to(self.summaries.dtype)  # (B, Hkv, Gb, U, w), float32+
-        logits.masked_fill_(~picked[..., None], float("-inf"))  # chunks this query did not pick
-        o = torch.arange(s, e, device=dev).repeat(G) - (s // w) * w  # (Gb,) offsets in the own chunk
-        future = torch.arange(w, device=dev) > o[:, None]  # (Gb, w)
-        logits[..., -1, :].masked_fill_(future, float("-inf"))  # the own chunk is the last slot: causal
-        probs = torch.softmax(logits.flatten(-2), dim=-1).view_as(logits).to(v.dtype)  # over all U * w keys
-        return torch.einsum("zhtuw,zhuwd->zhtd", probs, v).view(B, Hkv, G, b, D)
+        """Queries s..e-1, all past the first K chunks, q: (B, Hkv, G, b, D) -> their outputs.
 
-    def _layout(self, q, s, e):
-        """§2 and §3 for a block: the union of picked chunks, who picked what, and query positions.
-
-        Returns ids (B, Hkv, U), the union's chunks in order; picked (B, Hkv, Gb, U), whether each
-        query picked each of them; pos (B, Hkv, Gb, U), the position each query takes to read it.
+        Every query reads its own K chunks, exactly: its own chunk (causal) from one window of
+        keys shared by the block, and the other K - 1 through tiles: (query, chunk) pairs grouped
+        by chunk, TILE queries per read of a chunk's keys. The K partial softmaxes are merged.
         """
         B, Hkv, G, b, D = q.shape
-        w, g = self.w, s // self.w
-        sel = select_chunks(q, self.summaries[:, :, :, 1:max(g - 1, 1)], g, self.K)  # (B, Hkv, G, b, g + 1)
-        sel = sel.view(B, Hkv, G * b, g + 1)
-        # why: queries of one chunk mostly pick the same chunks, so the block reads their union once
-        used = sel.any(dim=2)  # (B, Hkv, g + 1)
-        U = int(used.sum(-1).max())
-        order = torch.where(used, torch.arange(g + 1, device=q.device), -1)  # unused chunks sort first
-        ids = order.argsort(dim=-1)[..., -U:]  # (B, Hkv, U): the used chunks in order; own chunk g last
-        ids_q = ids[:, :, None].expand(-1, -1, G * b, -1)  # (B, Hkv, Gb, U)
-        picked = sel.gather(-1, ids_q)
-        # §3: the chunk of rank r is read from (n_sel - 1 - r) * w + o: the query moves, not the keys
-        rank = sel.cumsum(-1).gather(-1, ids_q) - 1  # (B, Hkv, Gb, U)
-        shift = (sel.sum(-1, keepdim=True) - 1 - rank).clamp(0, self.K - 1)  # clamp: unpicked slots
-        o = (torch.arange(s, e, device=q.device) - g * w).repeat(G)  # (Gb,) offsets inside chunk g
-        return ids, picked, shift * w + o[:, None]
+        w, K, dev = self.w, self.K, q.device
+        t = torch.arange(s, e, device=dev)
+        ids = select_chunks(q, self.summaries[:, :, :, :(e - 1) // w - 1], t // w, K)  # (B, Hkv, G, b, K)
+        # §3: rank r is read from (K - 1 - r) * w + o, whichever chunk it is: the query moves
+        pos = (K - 1 - torch.arange(K, device=dev)) * w + t[:, None] % w  # (b, K)
+        qr = apply_rope(q[..., None, :], self.cos[pos], self.sin[pos]) / math.sqrt(D)  # (B, Hkv, G, b, K, D)
+        n, m = self.k.shape[2] // w, (e - 1) // w + 1  # chunks in the cache, chunks up to the block's end
+        heads = torch.arange(B * Hkv, device=dev).view(B, Hkv, 1, 1, 1)  # (B, Hkv) as one index
+        size = min(TILE, G * b)  # no chunk is picked by more pairs than the group has queries
+        tile, slot, tile_key = pack((ids[..., :-1] + m * heads).flatten(), size, B * Hkv * m)  # (P,), (P,), (n_tiles,)
+        tile_chunk = tile_key // m * n + tile_key % m  # rows of k.view(-1, w, D)
+        n_tiles = len(tile_chunk)
+        qt = qr.new_zeros(n_tiles, size, D).index_put_((tile, slot), qr[..., :-1, :].flatten(0, -2))
+        kt = torch.index_select(self.k.view(-1, w, D), 0, tile_chunk, out=self._scratch("k", n_tiles, w, D))
+        vt = torch.index_select(self.v.view(-1, w, D), 0, tile_chunk, out=self._scratch("v", n_tiles, w, D))
+        logits = torch.bmm(qt, kt.transpose(1, 2), out=self._scratch("p", n_tiles, size, w))  # (n_tiles, size, w)
+        top, mass, out = (x[tile, slot].view(B, Hkv, G, b, K - 1, *x.shape[2:])  # back to (query, rank)
+                          for x in partial_softmax(logits, vt))
+        own_top, own_mass, own_out = self._own_chunk(qr[..., -1, :], s, e)  # rank K - 1
+        top, mass = torch.cat([top, own_top[..., None]], -1), torch.cat([mass, own_mass[..., None]], -1)
+        return merge(top, mass, torch.cat([out, own_out[..., None, :]], -2)).to(q.dtype)  # (B, Hkv, G, b, D)
+
+    def _own_chunk(self, q, s, e):
+        """Queries s..e-1, rotated for rank K - 1, read their own chunk up to themselves.
+
+        The keys from the first query's chunk start to e form one window that every query of
+        the block reads; a mask keeps each query to its own chunk. Returns partial_softmax parts.
+        """
+        lo = s // self.w * self.w
+        t, u = torch.arange(s, e, device=q.device), torch.arange(lo, e, device=q.device)
+        logits = q @ self.k[:, :, None, lo:e].transpose(-1, -2)  # (B, Hkv, G, b, e - lo)
+        mine = (u // self.w == t[:, None] // self.w) & (u <= t[:, None])  # (b, e - lo)
+        return partial_softmax(logits.masked_fill_(~mine, float("-inf")), self.v[:, :, None, lo:e])
+
+
+def partial_softmax(logits, v):
+    """Softmax attention in pieces that merge later: logits (..., n), v (..., n, D).
+
+    Returns the row maxima (...), the mass sum(exp(logits - max)) (...), and the unnormalised
+    output exp(logits - max) @ v (..., D). Works in place on logits.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in float32+
+    top = logits.amax(dim=-1, keepdim=True)
+    p = logits.sub_(top).exp_()
+    return top.squeeze(-1), p.sum(-1), p.to(v.dtype) @ v
+
+
+def merge(top, mass, out):
+    """Merge m partial softmaxes: top, mass (..., m), out (..., m, D) -> attention output (..., D)."""
+    scale = torch.exp(top - top.amax(dim=-1, keepdim=True))  # rescale each to the largest maximum
+    return (scale[..., None] * out).sum(-2) / (scale * mass).sum(-1)[..., None]
+
+
+def pack(key, size, num_keys):
+    """Group equal keys into tiles of `size`: the tile and slot of every item, and each tile's key.
+
+    key: (P,) integers in [0, num_keys). Items with the same key fill tiles one after another;
+    only a key's last tile can be partly empty. Returns tile (P,), slot (P,), tile_key (n_tiles,).
+    """
+    count = torch.zeros(num_keys, dtype=torch.long, device=key.device).index_add_(0, key, torch.ones_like(key))
+    tiles = (count + size - 1) // size  # (num_keys,)
+    first_tile, first_item = tiles.cumsum(0) - tiles, count.cumsum(0) - count
+    order = key.argsort(stable=True)
+    rank = torch.empty_like(key)
+    rank[order] = torch.arange(len(key), device=key.device) - first_item[key[order]]  # place within its key
+    tile, slot = first_tile[key] + rank // size, rank % size
+    # why a bound on CUDA: the exact count would be a host-device sync in every block; on the CPU
+    # it is free and saves computing empty tiles
+    n_tiles = len(key) // size + min(num_keys, len(key)) if key.is_cuda else int(tiles.sum())
+    tile_key = torch.zeros(n_tiles, dtype=torch.long, device=key.device).index_put_((tile,), key)
+    return tile, slot, tile_key
 
 
 # ----------------------------------------------------------------------------- the function to copy
@@ -253,8 +297,8 @@ def longheads_attention(q, k, v, *, chunk_size=256, num_chunks=16, rope_theta=10
 
     q: (B, H, T, D), k and v: (B, Hkv, T, D), all before RoPE; H a multiple of Hkv (GQA).
     rope: None (RoPE with base rope_theta), inverse frequencies (D/2,), or a (cos, sin) pair of
-    (P, D) tables, for scaled RoPE. block_size: queries per block (default chunk_size); it bounds
-    the working memory. Returns (B, H, T, D). With num_chunks * chunk_size >= T this is ordinary
+    (P, D) tables, for scaled RoPE. block_size: queries per block (default: at most chunk_size,
+    and about BLOCK_SCORES scores); it bounds the working memory. Returns (B, H, T, D). With num_chunks * chunk_size >= T this is ordinary
     causal attention with RoPE at true positions.
     """
     check_inputs(q, k, v)

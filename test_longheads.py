@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from longheads import (LongHeadsCache, apply_rope, longheads_attention, longheads_reference,
+from longheads import (LongHeadsCache, apply_rope, longheads_attention, longheads_reference, pack,
                        reference_selection, rope_cos_sin, rope_inv_freq, select_chunks)
 
 PROPERTY = settings(max_examples=200, deadline=None)
@@ -86,20 +86,25 @@ def test_selections_obey_the_rule(problem):
     w, K = opts["chunk_size"], opts["num_chunks"]
     cache = LongHeadsCache(B, H, k.shape[1], T, D, dtype=q.dtype, **opts)
     cache(q, k, v)  # fills keys and summaries
-    G, summaries = cache.groups, cache.summaries.flatten(1, 2)  # (B, H, n, D)
-    for g in range(T // w + (T % w > 0)):
-        s, e = g * w, min(T, (g + 1) * w)
-        ids, picked, pos = cache._layout(q[:, :, s:e].reshape(B, -1, G, e - s, D), s, e)
-        for z in range(B):
-            for hk in range(ids.shape[1]):
-                for i in range(G * (e - s)):  # query i of group hk: head hk * G + i // b, token s + i % b
-                    h, t = hk * G + i // (e - s), s + i % (e - s)
-                    chunks = ids[z, hk][picked[z, hk, i]].tolist()
-                    assert chunks == sorted(set(chunks)) and max(chunks) == g  # sorted, unique, no future
-                    assert {0, max(g - 1, 0), g} <= set(chunks) and len(chunks) == min(g + 1, K)
-                    assert chunks == reference_selection(q[z, h, t], summaries[z, h], g, K)
-                    ranks = torch.arange(len(chunks))  # §3: rank r is read from (n - 1 - r) w + o
-                    assert pos[z, hk, i][picked[z, hk, i]].tolist() == ((len(chunks) - 1 - ranks) * w + t - s).tolist()
+    summaries = cache.summaries.flatten(1, 2)  # (B, H, n, D)
+    t = torch.arange(K * w, T)  # every query past the first K chunks
+    ids = select_chunks(q[:, :, K * w:], summaries[:, :, :(T - 1) // w - 1], t // w, K)  # (B, H, b, K)
+    for z in range(B):
+        for h in range(H):
+            for i, g in enumerate((t // w).tolist()):
+                chunks = ids[z, h, i].tolist()
+                assert chunks == sorted(set(chunks)) and max(chunks) == g  # sorted, unique, no future
+                assert {0, g - 1, g} <= set(chunks) and len(chunks) == K
+                assert chunks == reference_selection(q[z, h, K * w + i], summaries[z, h], g, K)
+
+
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=300), st.integers(1, 8))
+def test_pack_groups_equal_keys_into_tiles(keys, size):
+    key = torch.tensor(keys)
+    tile, slot, tile_key = pack(key, size, 10)
+    assert (tile_key[tile] == key).all()  # every item sits in a tile of its key
+    assert len(set(zip(tile.tolist(), slot.tolist()))) == len(keys) and (slot < size).all()
+    assert len(tile_key) == sum(-(-keys.count(k) // size) for k in set(keys))  # no tile wasted
 
 
 @PROPERTY
@@ -109,13 +114,6 @@ def test_gqa_equals_repeated_heads(problem):
     G = q.shape[1] // k.shape[1]
     repeated = longheads_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), **opts)
     torch.testing.assert_close(longheads_attention(q, k, v, **opts), repeated)
-
-
-def test_select_chunks_small_contexts_take_everything():
-    q, summaries = torch.randn(2, 5, 4), torch.randn(2, 3, 4)  # chunk 4: candidates 1..2... padded
-    for g in range(5):
-        mask = select_chunks(q, summaries[:, :max(g - 2, 0)], g, num_chunks=5)
-        assert mask.shape == (2, 5, g + 1) and mask.all()
 
 
 def test_rope_tables_inverse_frequencies_and_theta_agree():

@@ -1,0 +1,273 @@
+"""Speed and memory of LongHeads against full attention, as ratios measured in one run.
+
+    python bench.py                                   # 4k, 8k, 16k: about 10 minutes on 2 CPU cores
+    python bench.py --lengths 8192 32768 --json bench.json
+    python bench.py --shape llama2-7b --device cuda --lengths 8192 32768 131072
+
+What it measures, each in a fresh subprocess so that its peak memory is its own:
+  prefill    wall time and peak memory of one prompt, full attention (SDPA) vs LongHeads, on the
+             default model when it is downloaded (else a random Llama of --shape, same cost)
+  decode     milliseconds per generated token after a cache of 4k and of 32k tokens (LongHeads)
+  attention  longheads_attention alone on random q/k/v vs SDPA, without the linear layers
+and the ratios that matter: t(4T) / t(T) (linear is 4, quadratic 16), longheads / full at each
+length, memory(4T) / memory(T), decode(32k) / decode(4k). The machine is shared and noisy, so
+targets are ratios from one run, never absolute times.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from longheads import longheads_attention
+from model import Llama, LlamaConfig
+
+SHAPES = {  # random-weight Llamas with the cost of real ones
+    "tiny": dict(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048),
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
+                    max_position_embeddings=8192, tie_word_embeddings=True),
+    "llama2-7b": {},  # LlamaConfig's defaults
+}
+WARMUP_TOKENS = 512  # one short prefill first: one-time setup costs stay out of the timings
+DECODE_STEPS = 8
+
+
+# ----------------------------------------------------------------------------- one measurement
+
+def load(args, attention):
+    """The default model if it is on disk (never downloaded here), else random weights of --shape."""
+    from convert import CACHE
+    path = CACHE / "SmolLM2-135M-Instruct"
+    dtype = getattr(torch, args.dtype)
+    opts = dict(attention=attention, chunk_size=args.chunk_size, num_chunks=args.num_chunks)
+    if args.shape is None and (path / "config.json").is_file():
+        return Llama.from_pretrained(path, device=args.device, dtype=dtype, **opts), path
+    with torch.device("meta"):
+        model = Llama(LlamaConfig(**SHAPES[args.shape or "smollm2"]), **opts)
+    model = model.to_empty(device=args.device).to(dtype)
+    for name, p in model.named_parameters():
+        torch.nn.init.ones_(p) if "norm" in name else torch.nn.init.normal_(p, std=0.02)
+    return model.eval(), None
+
+
+def prompt(path, model, length):
+    """A passkey prompt when the tokenizer is there (real text sets what LongHeads selects)."""
+    if path is None:
+        return torch.randint(model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    from passkey import build_prompt
+    from tokenizer import Tokenizer
+    return torch.tensor([build_prompt(Tokenizer(path), length, 0.5, 61128)])
+
+
+@torch.no_grad()
+def prefill(model, ids):
+    caches = model.new_caches(1, ids.shape[1])
+    return model.lm_head(model.hidden(ids, caches)[:, -1])  # the next token's logits only
+
+
+@torch.no_grad()
+def decode_steps(model, length, steps, device):
+    """ms per token after `length` cached tokens. The cache is filled with random keys, values
+    and their summaries: a step costs the same whatever they hold, and no prefill is needed."""
+    cfg = model.config
+    caches = model.new_caches(1, length + steps + 2)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for cache in caches:
+        for s in range(0, length, 4096):  # the prefill's _store, without its attention
+            n = min(4096, length - s)
+            q = torch.randn(1, cfg.num_key_value_heads, cache.groups, n, cfg.head_dim, generator=gen, device=device)
+            kv = torch.randn(2, 1, cfg.num_key_value_heads, n, cfg.head_dim, generator=gen, device=device)
+            cache._store(q.to(cache.k.dtype), kv[0].to(cache.k.dtype), kv[1].to(cache.k.dtype))
+    token, times = torch.zeros(1, 1, dtype=torch.long, device=device), []
+    for _ in range(steps + 2):
+        sync(device)
+        start = time.perf_counter()
+        model.lm_head(model.hidden(token, caches)[:, -1])
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:]) * 1000  # the first two steps are warm-up
+
+
+def attention_alone(model, length, chunk_size, num_chunks, device, dtype):
+    """Seconds of SDPA and of longheads_attention on random q, k, v of the model's head shape."""
+    cfg, gen = model.config, torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, cfg.num_attention_heads, length, cfg.head_dim, generator=gen, device=device, dtype=dtype)
+    k, v = (torch.randn(1, cfg.num_key_value_heads, length, cfg.head_dim, generator=gen, device=device, dtype=dtype) for _ in range(2))
+    sdpa = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), device)
+    lh = timed(lambda: longheads_attention(q, k, v, chunk_size=chunk_size, num_chunks=num_chunks,
+                                           rope_theta=cfg.rope_theta), device)
+    return sdpa, lh
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_bytes(device):
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure(args):
+    """Child process: one measurement, printed as one JSON line."""
+    kind, attention, length = args.one
+    length = int(length)
+    model, path = load(args, attention)
+    if kind == "prefill":
+        prefill(model, prompt(path, model, WARMUP_TOKENS).to(args.device))
+        ids = prompt(path, model, length).to(args.device)
+        base = peak_bytes(args.device)
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        seconds = timed(lambda: prefill(model, ids), args.device)
+        result = dict(seconds=seconds, peak_bytes=peak_bytes(args.device), work_bytes=peak_bytes(args.device) - base)
+    elif kind == "decode":
+        result = dict(ms_per_token=decode_steps(model, length, DECODE_STEPS, args.device))
+    else:
+        sdpa, lh = attention_alone(model, length, args.attn_chunk_size, args.attn_num_chunks, args.device,
+                                   getattr(torch, args.dtype))
+        result = dict(sdpa_seconds=sdpa, longheads_seconds=lh)
+    print(json.dumps(dict(kind=kind, attention=attention, length=length, model=str(path or args.shape or "smollm2"), **result)))
+
+
+# ----------------------------------------------------------------------------- the run
+
+def child(args, kind, attention, length):
+    """Run one measurement in a fresh process; a failure (e.g. out of memory) is recorded, not fatal."""
+    argv = [sys.executable, __file__, "--one", kind, attention, str(length)] + passthrough(args)
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["exit code %d" % done.returncode])[-1]
+        print(f"  {kind} {attention} {length}: failed: {reason}", file=sys.stderr)
+        return dict(kind=kind, attention=attention, length=length, error=reason)
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  {kind} {attention} {length}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items()
+                                                         if isinstance(v, float)), file=sys.stderr)
+    return record
+
+
+def passthrough(args):
+    out = ["--device", args.device, "--dtype", args.dtype, "--chunk-size", str(args.chunk_size),
+           "--num-chunks", str(args.num_chunks), "--attn-chunk-size", str(args.attn_chunk_size),
+           "--attn-num-chunks", str(args.attn_num_chunks)]
+    return out + (["--shape", args.shape] if args.shape else [])
+
+
+def run(args):
+    records = []
+    for length in args.lengths:
+        for attention in ["full", "longheads"]:
+            if attention == "full" and args.full_max and length > args.full_max:
+                continue
+            records.append(child(args, "prefill", attention, length))
+    for length in args.decode_lengths:
+        records.append(child(args, "decode", "longheads", length))
+    for length in args.attention_lengths:
+        records.append(child(args, "attention", "longheads", length))
+    return records
+
+
+def ratios(records):
+    """The ratios the targets are stated in, from the records of one run."""
+    pre = {(r["attention"], r["length"]): r for r in records if r["kind"] == "prefill" and "error" not in r}
+    out = {}
+    for attention in ["full", "longheads"]:
+        lengths = sorted(t for a, t in pre if a == attention)
+        pairs = [(t, 4 * t) for t in lengths if 4 * t in lengths]
+        if pairs:
+            t, t4 = pairs[-1]
+            out[f"{attention} t({t4})/t({t})"] = pre[attention, t4]["seconds"] / pre[attention, t]["seconds"]
+            out[f"{attention} mem({t4})/mem({t})"] = pre[attention, t4]["work_bytes"] / max(1, pre[attention, t]["work_bytes"])
+    for (a, t), r in sorted(pre.items()):
+        if a == "longheads" and ("full", t) in pre:
+            out[f"longheads/full time at {t}"] = r["seconds"] / pre["full", t]["seconds"]
+    dec = {r["length"]: r["ms_per_token"] for r in records if r["kind"] == "decode" and "error" not in r}
+    if len(dec) >= 2:
+        lo, hi = min(dec), max(dec)
+        out[f"decode ms/token {hi}/{lo}"] = dec[hi] / dec[lo]
+    for r in records:
+        if r["kind"] == "attention" and "error" not in r:
+            out[f"attention alone sdpa/longheads at {r['length']}"] = r["sdpa_seconds"] / r["longheads_seconds"]
+    return out
+
+
+def table(records, ratio):
+    lines = ["| measurement | attention | tokens | result |", "|---|---|---|---|"]
+    for r in records:
+        if "error" in r:
+            result = "failed: " + r["error"]
+        elif r["kind"] == "prefill":
+            result = f"{r['seconds']:.2f} s, peak {r['peak_bytes'] / 2**30:.2f} GiB (+{r['work_bytes'] / 2**30:.2f} GiB)"
+        elif r["kind"] == "decode":
+            result = f"{r['ms_per_token']:.1f} ms/token"
+        else:
+            result = f"SDPA {r['sdpa_seconds']:.2f} s, longheads {r['longheads_seconds']:.2f} s"
+        lines.append(f"| {r['kind']} | {r['attention']} | {r['length']} | {result} |")
+    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in ratio.items()]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384], help="prefill lengths")
+    p.add_argument("--decode-lengths", type=int, nargs="*", default=[4096, 32768])
+    p.add_argument("--attention-lengths", type=int, nargs="*", default=[32768])
+    p.add_argument("--full-max", type=int, help="skip full attention above this length")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape (default: the "
+                   "downloaded default model, else smollm2)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--chunk-size", type=int, default=128, help="LongHeads chunk size in the model")
+    p.add_argument("--num-chunks", type=int, default=16, help="LongHeads chunks per head in the model")
+    p.add_argument("--attn-chunk-size", type=int, default=128, help="chunk size for attention alone")
+    p.add_argument("--attn-num-chunks", type=int, default=16, help="chunks per head for attention alone")
+    p.add_argument("--json", help="write the records and ratios to this file")
+    p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: one measurement
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if min(args.lengths + args.decode_lengths + args.attention_lengths, default=1) < 1:
+        p.error("lengths must be positive")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available here; use --device cpu")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.one:
+        return measure(args)
+    start = time.perf_counter()
+    records = run(args)
+    ratio = ratios(records)
+    print(table(records, ratio))
+    print(f"\n{time.perf_counter() - start:.0f} s in all, device {args.device}, {args.dtype}, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}")
+    if args.json:
+        tmp = Path(args.json + ".tmp")
+        tmp.write_text(json.dumps(dict(records=records, ratios=ratio, args=vars(args)), indent=1))
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()
