@@ -2,7 +2,7 @@
 
     python bench.py                                   # 4k, 8k, 16k: about 10 minutes on 2 CPU cores
     python bench.py --lengths 8192 32768 --json bench.json
-    python bench.py --shape llama2-7b --device cuda --lengths 8192 32768 131072
+    python bench.py --shape llama2-7b --device cuda --lengths 8192 32768 131072 --offload
 
 What it measures, each in a fresh subprocess so that its peak memory is its own:
   prefill    wall time and peak memory of one prompt, full attention (SDPA) vs LongHeads, on the
@@ -43,12 +43,14 @@ DECODE_STEPS = 8
 
 # ----------------------------------------------------------------------------- one measurement
 
-def load(args, attention):
-    """The default model if it is on disk (never downloaded here), else random weights of --shape."""
+def load(args, mode):
+    """The default model if it is on disk (never downloaded here), else random weights of --shape.
+    mode: "full", "longheads", or "offload" (LongHeads with its cache in CPU memory)."""
     from convert import CACHE
     path = CACHE / "SmolLM2-135M-Instruct"
     dtype = getattr(torch, args.dtype)
-    opts = dict(attention=attention, chunk_size=args.chunk_size, num_chunks=args.num_chunks)
+    opts = dict(attention="full" if mode == "full" else "longheads", chunk_size=args.chunk_size,
+                num_chunks=args.num_chunks, offload=mode == "offload")
     if args.shape is None and (path / "config.json").is_file():
         return Llama.from_pretrained(path, device=args.device, dtype=dtype, **opts), path
     with torch.device("meta"):
@@ -176,7 +178,7 @@ def passthrough(args):
 def run(args):
     records = []
     for length in args.lengths:
-        for attention in ["full", "longheads"]:
+        for attention in ["full", "longheads"] + ["offload"] * args.offload:
             if attention == "full" and args.full_max and length > args.full_max:
                 continue
             records.append(child(args, "prefill", attention, length))
@@ -191,7 +193,7 @@ def ratios(records):
     """The ratios the targets are stated in, from the records of one run."""
     pre = {(r["attention"], r["length"]): r for r in records if r["kind"] == "prefill" and "error" not in r}
     out = {}
-    for attention in ["full", "longheads"]:
+    for attention in ["full", "longheads", "offload"]:
         lengths = sorted(t for a, t in pre if a == attention)
         pairs = [(t, 4 * t) for t in lengths if 4 * t in lengths]
         if pairs:
@@ -199,8 +201,8 @@ def ratios(records):
             out[f"{attention} t({t4})/t({t})"] = pre[attention, t4]["seconds"] / pre[attention, t]["seconds"]
             out[f"{attention} mem({t4})/mem({t})"] = pre[attention, t4]["work_bytes"] / max(1, pre[attention, t]["work_bytes"])
     for (a, t), r in sorted(pre.items()):
-        if a == "longheads" and ("full", t) in pre:
-            out[f"longheads/full time at {t}"] = r["seconds"] / pre["full", t]["seconds"]
+        if a != "full" and ("full", t) in pre:
+            out[f"{a}/full time at {t}"] = r["seconds"] / pre["full", t]["seconds"]
     dec = {r["length"]: r["ms_per_token"] for r in records if r["kind"] == "decode" and "error" not in r}
     if len(dec) >= 2:
         lo, hi = min(dec), max(dec)
@@ -242,6 +244,7 @@ def parse_args(argv=None):
     p.add_argument("--num-chunks", type=int, default=16, help="LongHeads chunks per head in the model")
     p.add_argument("--attn-chunk-size", type=int, default=128, help="chunk size for attention alone")
     p.add_argument("--attn-num-chunks", type=int, default=16, help="chunks per head for attention alone")
+    p.add_argument("--offload", action="store_true", help="also LongHeads with its keys and values in pinned CPU memory (CUDA)")
     p.add_argument("--json", help="write the records and ratios to this file")
     p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: one measurement
     args = p.parse_args(argv)
@@ -250,6 +253,8 @@ def parse_args(argv=None):
         p.error("lengths must be positive")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available here; use --device cpu")
+    if args.offload and not args.device.startswith("cuda"):
+        p.error("--offload moves LongHeads' cache from a GPU to CPU memory: it needs --device cuda")
     return args
 
 

@@ -130,16 +130,21 @@ class LongHeadsCache(torch.nn.Module):
 
     def __init__(self, batch, num_heads, num_kv_heads, max_len, head_dim, *, chunk_size=256,
                  num_chunks=16, rope=None, rope_theta=10000.0, block_size=None, dtype=torch.float32,
-                 device=None):
+                 device=None, offload=False):
         super().__init__()
         check_config(num_heads, num_kv_heads, chunk_size, num_chunks, block_size)
+        if offload and torch.device(device or "cpu").type != "cuda":
+            raise ValueError("offload keeps keys and values in CPU memory for a CUDA device; "
+                             "without a CUDA device there is nothing to offload: drop offload")
+        # offload: keys and values live in pinned CPU memory; only what a block reads moves over
+        store = dict(device="cpu", pin_memory=True) if offload else dict(device=device)
         self.w, self.K, self.groups = chunk_size, num_chunks, num_heads // num_kv_heads
         # a block's working memory: its (query, key) scores, and its own-chunk window of b x (b + w)
         self.block_size = block_size or max(1, min(chunk_size, BLOCK_SCORES // (batch * num_heads * num_chunks * chunk_size)))
         self.max_len, self.length, self.scratch = max_len, 0, {}
         n = -(-max_len // chunk_size)  # chunks, the last one possibly partial
-        self.register_buffer("k", torch.zeros(batch, num_kv_heads, n * chunk_size, head_dim, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros_like(self.k), persistent=False)
+        self.register_buffer("k", torch.zeros(batch, num_kv_heads, n * chunk_size, head_dim, dtype=dtype, **store), persistent=False)
+        self.register_buffer("v", torch.zeros(self.k.shape, dtype=dtype, **store), persistent=False)
         wide = torch.promote_types(dtype, torch.float32)  # summaries and their scores: float32 or wider
         self.register_buffer("summaries", torch.zeros(batch, num_kv_heads, self.groups, n, head_dim, dtype=wide, device=device), persistent=False)
         self.register_buffer("q_tail", torch.zeros(batch, num_kv_heads, self.groups, chunk_size, head_dim, dtype=dtype, device=device), persistent=False)
@@ -162,6 +167,7 @@ class LongHeadsCache(torch.nn.Module):
         for s in range(start + near, start + T, self.block_size):
             e = min(start + T, s + self.block_size)
             outg[..., s - start:e - start, :] = self._attend(qg[..., s - start:e - start, :], s, e)
+        self.scratch.clear()  # the working memory of one call, not of every layer's cache
         return out
 
     def _attend_all(self, q, s):
@@ -170,9 +176,10 @@ class LongHeadsCache(torch.nn.Module):
         chunk_start = torch.arange(e, device=q.device) // self.w * self.w  # (e,)
         # RoPE composes: a key rotated to its chunk-local offset, then by its chunk's start, is
         # the key at its true position
-        k = apply_rope(self.k[:, :, :e], self.cos[chunk_start], self.sin[chunk_start])  # (B, Hkv, e, D)
+        k, v = self._span(0, e)
+        k = apply_rope(k, self.cos[chunk_start], self.sin[chunk_start])  # (B, Hkv, e, D)
         q = apply_rope(q, self.cos[s:e], self.sin[s:e])
-        return causal_attention(q, k, self.v[:, :, :e])
+        return causal_attention(q, k, v)
 
     def _store(self, q, k, v):
         """Write local-RoPE keys and values; summarise every chunk these tokens complete."""
@@ -196,16 +203,29 @@ class LongHeadsCache(torch.nn.Module):
         B, Hkv, G, n_tok, D = q.shape
         w, n = self.w, n_tok // self.w
         q = apply_rope(q.reshape(B, Hkv, G, n, w, D), self.cos[:w], self.sin[:w])  # (B, Hkv, G, n, w, D)
-        k = self.k[:, :, first * w:(first + n) * w].view(B, Hkv, 1, n, w, D)
-        v = self.v[:, :, first * w:(first + n) * w].view(B, Hkv, 1, n, w, D)
+        k, v = (x.view(B, Hkv, 1, n, w, D) for x in self._span(first * w, (first + n) * w))
         self.summaries[:, :, :, first:first + n] = chunk_summaries(q, k, v)
 
-    def _scratch(self, name, *shape):
-        """A reused buffer: on the CPU, a fresh large tensor per block costs page faults."""
+    def _span(self, s, e):
+        """Keys and values of tokens s..e-1 where the queries are: (B, Hkv, e - s, D) each."""
+        device = self.summaries.device
+        return (self.k[:, :, s:e].to(device, non_blocking=True), self.v[:, :, s:e].to(device, non_blocking=True))
+
+    def _chunks(self, ids):
+        """Keys and values of chunks ids (flat indices into k.view(-1, w, D)): (len(ids), w, D) each."""
+        device, shape = self.summaries.device, (len(ids), self.w, self.k.shape[-1])
+        if self.k.device != device:  # offloaded: the CPU gathers the chunks, then they move over
+            ids = ids.cpu()  # why: the CPU must know what to send; the one wait per block offloading costs
+        return tuple(torch.index_select(x.view(-1, *shape[1:]), 0, ids, out=self._scratch(name, shape, x)).to(device, non_blocking=True)
+                     for name, x in [("k", self.k), ("v", self.v)])
+
+    def _scratch(self, name, shape, like):
+        """A buffer reused from block to block, on like's device: on the CPU, fresh large tensors
+        cost page faults every time; offloaded, it is the pinned staging area for the GPU."""
         n = math.prod(shape)
         buf = self.scratch.get(name)
         if buf is None or buf.numel() < n:
-            buf = self.scratch[name] = self.k.new_empty(n)
+            buf = self.scratch[name] = torch.empty(n, dtype=like.dtype, device=like.device, pin_memory=like.is_pinned())
         return buf[:n].view(shape)
 
     def _attend(self, q, s, e):
@@ -229,9 +249,8 @@ class LongHeadsCache(torch.nn.Module):
         tile_chunk = tile_key // m * n + tile_key % m  # rows of k.view(-1, w, D)
         n_tiles = len(tile_chunk)
         qt = qr.new_zeros(n_tiles, size, D).index_put_((tile, slot), qr[..., :-1, :].flatten(0, -2))
-        kt = torch.index_select(self.k.view(-1, w, D), 0, tile_chunk, out=self._scratch("k", n_tiles, w, D))
-        vt = torch.index_select(self.v.view(-1, w, D), 0, tile_chunk, out=self._scratch("v", n_tiles, w, D))
-        logits = torch.bmm(qt, kt.transpose(1, 2), out=self._scratch("p", n_tiles, size, w))  # (n_tiles, size, w)
+        kt, vt = self._chunks(tile_chunk)  # (n_tiles, w, D) each: one read of a chunk per tile
+        logits = torch.bmm(qt, kt.transpose(1, 2), out=self._scratch("p", (n_tiles, size, w), qt))  # (n_tiles, size, w)
         top, mass, out = (x[tile, slot].view(B, Hkv, G, b, K - 1, *x.shape[2:])  # back to (query, rank)
                           for x in partial_softmax(logits, vt))
         own_top, own_mass, own_out = self._own_chunk(qr[..., -1, :], s, e)  # rank K - 1
@@ -246,9 +265,10 @@ class LongHeadsCache(torch.nn.Module):
         """
         lo = s // self.w * self.w
         t, u = torch.arange(s, e, device=q.device), torch.arange(lo, e, device=q.device)
-        logits = q @ self.k[:, :, None, lo:e].transpose(-1, -2)  # (B, Hkv, G, b, e - lo)
+        k, v = self._span(lo, e)
+        logits = q @ k[:, :, None].transpose(-1, -2)  # (B, Hkv, G, b, e - lo)
         mine = (u // self.w == t[:, None] // self.w) & (u <= t[:, None])  # (b, e - lo)
-        return partial_softmax(logits.masked_fill_(~mine, float("-inf")), self.v[:, :, None, lo:e])
+        return partial_softmax(logits.masked_fill_(~mine, float("-inf")), v[:, :, None])
 
 
 def partial_softmax(logits, v):

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from longheads import BLOCK_SCORES
+
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
         "them. I will quiz you about the important information there.")
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -93,16 +95,18 @@ class prefill_progress:
 
 # ----------------------------------------------------------------------------- checks
 
-def bytes_needed(cfg, length, attention, chunk_size, num_chunks, dtype):
-    """A generous estimate of the memory a trial needs beyond the weights."""
+def bytes_needed(cfg, length, attention, dtype, offload=False):
+    """A generous estimate of the memory a trial needs beyond the weights, on the device and,
+    when LongHeads' cache is offloaded, in CPU memory: (device bytes, host bytes)."""
     size = torch.finfo(dtype).bits // 8
     tokens = length + NEW_TOKENS
     cache = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * tokens * cfg.head_dim * size
     widths = 4 * cfg.hidden_size + 3 * cfg.intermediate_size + (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
     activations = tokens * widths * size
-    # a block's scores: w queries x (a union of, generously, 2K chunks) x w keys, a few copies
-    work = 3 * cfg.num_attention_heads * chunk_size * 2 * num_chunks * chunk_size * 4 if attention == "longheads" else 0
-    return cache + activations + work
+    work = 4 * 4 * BLOCK_SCORES if attention == "longheads" else 0  # a block's scores, a few copies
+    if offload and attention == "longheads":
+        return activations + work, cache
+    return cache + activations + work, 0
 
 
 def bytes_free(device):
@@ -128,19 +132,25 @@ def check_args(args):
         raise UsageError(f"--len must be positive, got {min(args.len)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    if args.offload and not args.device.startswith("cuda"):
+        raise UsageError("--offload moves LongHeads' cache from a GPU to CPU memory: it needs "
+                         "--device cuda")
     if args.model is not None and not Path(args.model).is_dir():
         raise UsageError(f"--model {args.model}: no such directory; give a Hugging Face Llama "
                          f"checkpoint directory")
 
 
 def check_memory(model, args, dtype):
-    free = bytes_free(torch.device(args.device))
+    device, host = torch.device(args.device), torch.device("cpu")
     for attention in attentions(args):
-        need = bytes_needed(model.config, max(args.len), attention, model.chunk_size, model.num_chunks, dtype)
-        if free is not None and need > free:
-            raise UsageError(f"--len {max(args.len)} with {attention} attention needs about "
-                             f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free: use a "
-                             f"shorter length or a machine with more memory")
+        needs = bytes_needed(model.config, max(args.len), attention, dtype, args.offload)
+        for where, need in zip([device, host], needs):
+            free = bytes_free(where)
+            if free is not None and need > free:
+                hint = "" if args.offload or device.type != "cuda" else ", --offload,"
+                raise UsageError(f"--len {max(args.len)} with {attention} attention needs about "
+                                 f"{need / 2**30:.1f} GiB on {where.type}, {free / 2**30:.1f} GiB is "
+                                 f"free: use a shorter length{hint} or a machine with more memory")
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -156,7 +166,7 @@ def load(args):
     path = Path(args.model) if args.model else default_model()
     dtype = torch.bfloat16 if args.dtype is None and args.device.startswith("cuda") else getattr(torch, args.dtype or "float32")
     model = Llama.from_pretrained(path, device=args.device, dtype=dtype, chunk_size=args.chunk_size,
-                                  num_chunks=args.num_chunks)
+                                  num_chunks=args.num_chunks, offload=args.offload)
     return model, Tokenizer(path), dtype
 
 
@@ -251,6 +261,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--offload", action="store_true",
+                   help="keep LongHeads' keys and values in pinned CPU memory (CUDA): longer contexts")
     p.add_argument("--json", help="write one record per trial to this file")
     p.add_argument("--plot", help="write a depth x length accuracy heatmap (PNG; needs matplotlib)")
     return p.parse_args(argv)

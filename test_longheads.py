@@ -9,6 +9,7 @@ Then: our Llama == transformers.LlamaForCausalLM on checkpoints transformers sav
 checkpoints are one clear error each.
 """
 import json
+import os
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 from longheads import (LongHeadsCache, apply_rope, longheads_attention, longheads_reference, pack,
                        reference_selection, rope_cos_sin, rope_inv_freq, select_chunks)
 
-PROPERTY = settings(max_examples=200, deadline=None)
+PROPERTY = settings(max_examples=int(os.environ.get("LONGHEADS_EXAMPLES", 200)), deadline=None)
 
 
 @st.composite

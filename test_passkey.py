@@ -97,6 +97,7 @@ def test_passkey_end_to_end_through_the_cli(smollm2, tmp_path):
     (["--trials", "0"], "--trials must be >= 1"),
     (["--num-chunks", "2"], "--num-chunks must be >= 3"),
     (["--device", "cuda"], "no CUDA device"),
+    (["--offload", "--device", "cpu"], "it needs --device cuda"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(args, message):
     if "cuda" in args and torch.cuda.is_available():
