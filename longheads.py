@@ -302,9 +302,10 @@ def pack(key, size, num_keys):
     rank = torch.empty_like(key)
     rank[order] = torch.arange(len(key), device=key.device) - first_item[key[order]]  # place within its key
     tile, slot = first_tile[key] + rank // size, rank % size
-    # why a bound on CUDA: the exact count would be a host-device sync in every block; on the CPU
-    # it is free and saves computing empty tiles
-    n_tiles = len(key) // size + min(num_keys, len(key)) if key.is_cuda else int(tiles.sum())
+    full, bound = len(key) // size, len(key) // size + min(num_keys, len(key))  # each key: one partial tile
+    # why: on CUDA the exact count is a host-device sync; the bound needs none but computes empty
+    # tiles, so it is taken where they are at most as many as the full ones (on the CPU, never)
+    n_tiles = bound if key.is_cuda and bound <= 2 * full + 1 else int(tiles.sum())
     tile_key = torch.zeros(n_tiles, dtype=torch.long, device=key.device).index_put_((tile,), key)
     return tile, slot, tile_key
 

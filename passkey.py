@@ -54,6 +54,13 @@ def build_prompt(tok, length, depth, key):
     return head + cycle[:before] + key_ids + cycle[before:room] + question
 
 
+def key_digits(tok, ids, key):
+    """Positions of the key's digit tokens in a prompt (both times it is written)."""
+    line = tok.continuation(KEY_LINE.format(key=key))
+    start = next(i for i in range(len(ids)) if ids[i:i + len(line)] == line)
+    return [start + j for j, t in enumerate(line) if tok.decode([t]).strip().isdigit()]
+
+
 def first_integer(text):
     match = re.search(r"\d+", text)
     return int(match.group()) if match else None
@@ -180,6 +187,20 @@ def check_model(model, tok, args):
         build_prompt(tok, length, 0.0, 10000)  # too short raises here, before any trial runs
 
 
+def run_diagnosis(args):
+    """--diagnose: one prompt, looked inside (diagnose.py), with full attention for contrast."""
+    from diagnose import diagnose
+    model, tok, dtype = load(args)
+    check_model(model, tok, args)
+    check_memory(model, args, dtype)
+    length, depth, short = args.len[0], args.depths[0], model.config.max_position_embeddings // 2
+    key = random.Random(f"{args.seed}-{length}-{depth}-0").randint(10000, 99999)
+    prompts = [build_prompt(tok, n, depth, key) for n in (length, short)]
+    tensors = [torch.tensor([p], device=args.device) for p in prompts]
+    print(f"key {key} at depth {depth}; LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks}")
+    diagnose(model, tok, tensors[0], key_digits(tok, prompts[0], key), tensors[1], key_digits(tok, prompts[1], key))
+
+
 def sweep(args):
     model, tok, dtype = load(args)
     check_model(model, tok, args)
@@ -263,6 +284,8 @@ def parse_args(argv=None):
                    help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--offload", action="store_true",
                    help="keep LongHeads' keys and values in pinned CPU memory (CUDA): longer contexts")
+    p.add_argument("--diagnose", action="store_true", help="look inside one trial (the first length and "
+                   "depth): which heads pick the key, their attention on it, the top-5 next tokens")
     p.add_argument("--json", help="write one record per trial to this file")
     p.add_argument("--plot", help="write a depth x length accuracy heatmap (PNG; needs matplotlib)")
     return p.parse_args(argv)
@@ -272,7 +295,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         check_args(args)
-        sweep(args)
+        run_diagnosis(args) if args.diagnose else sweep(args)
     except (UsageError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"passkey.py: {e}", file=sys.stderr)
         sys.exit(2)

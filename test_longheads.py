@@ -158,6 +158,11 @@ def test_bad_inputs_are_value_errors(shapes, dtypes, message):
         longheads_attention(q, k, k.clone(), chunk_size=4)
 
 
+def test_offload_without_cuda_is_a_value_error():
+    with pytest.raises(ValueError, match="nothing to offload"):
+        LongHeadsCache(1, 2, 1, 8, 4, chunk_size=4, num_chunks=3, device="cpu", offload=True)
+
+
 def test_cache_overflow_is_a_value_error():
     cache = LongHeadsCache(1, 2, 1, 8, 4, chunk_size=4, num_chunks=3)
     q, k = torch.randn(1, 2, 6, 4), torch.randn(1, 1, 6, 4)
@@ -425,3 +430,17 @@ def test_directory_without_tokenizer_is_one_clear_error(tmp_path):
     from tokenizer import Tokenizer
     with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json"):
         Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("T", [37, 120])  # inside the budget, and past it
+def test_diagnose_weights_are_the_attention_the_cache_computes(T):
+    from diagnose import final_weights
+    from model import KVCache
+    gen = torch.Generator().manual_seed(T)
+    q, k, v = torch.randn(1, 4, T, 8, generator=gen), torch.randn(1, 2, T, 8, generator=gen), torch.randn(1, 2, T, 8, generator=gen)
+    for cache in [LongHeadsCache(1, 4, 2, T, 8, chunk_size=8, num_chunks=5),
+                  KVCache(1, 4, 2, T, 8, inv_freq=rope_inv_freq(8), dtype=torch.float32, device="cpu")]:
+        out = cache(q, k, v)[0, :, -1]  # (H, D): the final query's output
+        weights = final_weights(cache, q[0, :, -1], T - 1)  # (H, T)
+        expected = (weights[:, None, :] @ v[0].repeat_interleave(2, dim=0)).squeeze(1)  # (H, D)
+        torch.testing.assert_close(expected, out, atol=1e-5, rtol=1e-5)

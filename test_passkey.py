@@ -77,6 +77,7 @@ def test_prompt_has_exact_length_and_key_at_depth(tokenizer, length, depth):
     start, key_at = len(passkey.TASK), text.index("\nThe pass key is 54321")
     filler = len(text) - len(passkey.TASK) - len(passkey.QUESTION) - len(passkey.KEY_LINE.format(key=54321))
     assert abs((key_at - start) / filler - depth) < 0.1  # to a whole filler sentence
+    assert "".join(tokenizer.decode([ids[i]]) for i in passkey.key_digits(tokenizer, ids, 54321)) == "5432154321"
 
 
 @needs_model
@@ -89,6 +90,16 @@ def test_passkey_end_to_end_through_the_cli(smollm2, tmp_path):
     assert [r["attention"] for r in records] == ["full", "longheads"]
     assert all(r["correct"] for r in records), records
     assert re.search(r"full\s+2048: 1/1", out.stdout) and re.search(r"longheads\s+2048: 1/1", out.stdout)
+
+
+@needs_model
+def test_diagnose_prints_every_layer_for_both_attentions(smollm2):
+    out = run_cli("--diagnose", "--len", "2048", "--depths", "0.5", "--chunk-size", "128", "--num-chunks", "8")
+    assert out.returncode == 0, out.stderr
+    layers = 30  # SmolLM2-135M
+    assert len(re.findall(r"^\s+\d+\s+\d+/9\s+(\d+|-)\s+[\d.]+\s+[\d.]+$", out.stdout, re.M)) == layers
+    assert len(re.findall(r"^\s+\d+\s+all\s+-\s+[\d.]+\s+[\d.]+$", out.stdout, re.M)) == layers
+    assert out.stdout.count("next token: ") == 2
 
 
 @pytest.mark.parametrize("args, message", [

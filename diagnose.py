@@ -1,0 +1,96 @@
+"""Look inside LongHeads on one passkey prompt: does the answering query find the key, and use it?
+
+    python passkey.py --diagnose --len 32768 --depths 0.5
+
+One prompt, one prefill. The final query is the one whose next token is the answer. For it, in
+every layer, over the query heads:
+  picked   how many heads' selections hold a chunk of the key line
+  rank     the key chunk's rank among the candidates by summary score (1 = best; median over
+           heads; "-" when the key sits in a chunk every query reads anyway)
+  mass     the attention the final query puts on the key's digits (mean and best head)
+and the model's top-5 next tokens. Then the same for full attention on the same key at a length
+where full attention still works (half the trained length), for contrast.
+"""
+import math
+
+import torch
+
+from longheads import LongHeadsCache, apply_rope, rope_cos_sin, select_chunks
+
+
+@torch.no_grad()
+def diagnose(model, tok, ids, key_tokens, contrast_ids, contrast_key_tokens):
+    """Print the table for one prompt (LongHeads) and for a shorter one (full attention)."""
+    for name, prompt, where in [("longheads", ids, key_tokens), ("full", contrast_ids, contrast_key_tokens)]:
+        model.attention = name
+        rows, top5 = inspect(model, prompt, where)
+        print(f"\n{name} attention, {prompt.shape[1]} tokens, key digits at {where[0]}..{where[-1]}")
+        print(f"{'layer':>5}  {'picked':>7}  {'rank':>5}  {'mass mean':>9}  {'mass best':>9}")
+        for layer, (picked, rank, mass) in enumerate(rows):
+            print(f"{layer:>5}  {picked:>7}  {rank:>5}  {mass.mean():>9.3f}  {mass.max():>9.3f}")
+        print("next token: " + ", ".join(f"{tok.decode([i])!r} {v:.2f}" for v, i in zip(*top5)))
+
+
+def inspect(model, ids, key_tokens):
+    """One prefill; per layer (picked, rank, mass per head) for the final query; the top-5 logits."""
+    finals, hooks = {}, []
+    caches = model.new_caches(1, ids.shape[1])
+    for i, cache in enumerate(caches):  # keep each layer's last query of the prefill
+        hooks.append(cache.register_forward_pre_hook(lambda m, a, i=i: finals.__setitem__(i, a[0][0, :, -1])))
+    try:
+        logits = model.lm_head(model.hidden(ids, caches)[:, -1])[0]  # (vocab,)
+    finally:
+        for h in hooks:
+            h.remove()
+    t, rows = ids.shape[1] - 1, []
+    for i, cache in enumerate(caches):
+        weights = final_weights(cache, finals[i], t)  # (H, t + 1)
+        picked, rank = key_chunk_rank(cache, finals[i], t, key_tokens)
+        rows.append((picked, rank, weights[:, key_tokens].sum(-1)))
+    top = logits.float().topk(5)
+    return rows, (top.values.tolist(), top.indices.tolist())
+
+
+def final_weights(cache, q, t):
+    """Attention weights (H, t + 1) of query t, q (H, D) before RoPE, as this cache computes them."""
+    H, D = q.shape
+    if not isinstance(cache, LongHeadsCache):  # full attention: keys are stored at true positions
+        cos, sin = rope_cos_sin(cache.inv_freq, torch.tensor([t], device=q.device))
+        k = cache.k[0, :, :t + 1].repeat_interleave(H // cache.k.shape[1], dim=0).float()  # (H, t + 1, D)
+        logits = (k @ apply_rope(q.float(), cos, sin)[:, :, None]).squeeze(-1)  # (H, t + 1)
+        return torch.softmax(logits / math.sqrt(D), dim=-1)
+    w, chunks = cache.w, selection(cache, q, t)  # (H, n_sel), sorted
+    rank = torch.full((H, t // w + 1), -1, device=q.device)
+    rank.scatter_(1, chunks, torch.arange(chunks.shape[1], device=q.device).expand_as(chunks))
+    r = rank[:, torch.arange(t + 1, device=q.device) // w]  # (H, t + 1): each token's chunk rank, -1 unread
+    # DESIGN §3: the chunk of rank r sits at r * w + offset; stored keys are rotated to the offset
+    k = cache.k[0, :, :t + 1].repeat_interleave(cache.groups, dim=0).float()  # (H, t + 1, D)
+    k = apply_rope(k, cache.cos[r.clamp(min=0) * w].float(), cache.sin[r.clamp(min=0) * w].float())
+    p = (chunks.shape[1] - 1) * w + t % w  # the query's position
+    logits = (k @ apply_rope(q.float(), cache.cos[p].float(), cache.sin[p].float())[:, :, None]).squeeze(-1)
+    return torch.softmax((logits / math.sqrt(D)).masked_fill(r < 0, float("-inf")), dim=-1)
+
+
+def selection(cache, q, t):
+    """The sorted chunks (H, n_sel) that query t of each head reads."""
+    g = t // cache.w
+    if g < cache.K:
+        return torch.arange(g + 1, device=q.device).expand(q.shape[0], g + 1)
+    summaries = cache.summaries[0, :, :, :g - 1].flatten(0, 1)  # (H, g - 1, D)
+    return select_chunks(q[:, None], summaries, torch.tensor([g], device=q.device), cache.K)[:, 0]
+
+
+def key_chunk_rank(cache, q, t, key_tokens):
+    """'picked/H' for the final query, and the key chunk's median rank among the candidates."""
+    if not isinstance(cache, LongHeadsCache):
+        return "all", "-"
+    w, g = cache.w, t // cache.w
+    key_chunks = sorted({u // w for u in key_tokens})
+    picked = torch.isin(selection(cache, q, t), torch.tensor(key_chunks, device=q.device)).any(-1)
+    candidates = [c for c in key_chunks if 1 <= c <= g - 2]
+    if g < cache.K or len(candidates) < len(key_chunks):
+        return f"{int(picked.sum())}/{len(picked)}", "-"  # read anyway: the first K chunks, 0, g-1
+    scores = (q[:, None].float() @ cache.summaries[0, :, :, 1:g - 1].flatten(0, 1).transpose(1, 2)).squeeze(1)  # (H, g - 2)
+    best = scores[:, [c - 1 for c in candidates]].max(-1).values  # (H,)
+    rank = 1 + (scores > best[:, None]).sum(-1)
+    return f"{int(picked.sum())}/{len(picked)}", int(rank.float().median())
