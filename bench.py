@@ -11,7 +11,8 @@ What it measures, each in a fresh subprocess so that its peak memory is its own:
   attention  longheads_attention alone on random q/k/v vs SDPA, without the linear layers
 and the ratios that matter: t(4T) / t(T) (linear is 4, quadratic 16), longheads / full at each
 length, memory(4T) / memory(T), decode(32k) / decode(4k). The machine is shared and noisy, so
-targets are ratios from one run, never absolute times.
+targets are ratios from one run, never absolute times. Every timing follows a short warm-up and
+is the median of --repeat runs (default 1: a 32k prefill takes minutes on a CPU).
 """
 import argparse
 import json
@@ -99,23 +100,31 @@ def decode_steps(model, length, steps, device):
     return statistics.median(times[2:]) * 1000  # the first two steps are warm-up
 
 
-def attention_alone(model, length, chunk_size, num_chunks, device, dtype):
+def attention_alone(model, length, chunk_size, num_chunks, device, dtype, repeat):
     """Seconds of SDPA and of longheads_attention on random q, k, v of the model's head shape."""
     cfg, gen = model.config, torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(1, cfg.num_attention_heads, length, cfg.head_dim, generator=gen, device=device, dtype=dtype)
-    k, v = (torch.randn(1, cfg.num_key_value_heads, length, cfg.head_dim, generator=gen, device=device, dtype=dtype) for _ in range(2))
-    sdpa = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), device)
-    lh = timed(lambda: longheads_attention(q, k, v, chunk_size=chunk_size, num_chunks=num_chunks,
-                                           rope_theta=cfg.rope_theta), device)
-    return sdpa, lh
+    shape = lambda heads, n: (1, heads, n, cfg.head_dim)
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    lh = lambda q, k, v: longheads_attention(q, k, v, chunk_size=chunk_size, num_chunks=num_chunks,
+                                             rope_theta=cfg.rope_theta)
+    seconds = []
+    for n in (min(length, WARMUP_TOKENS * 4), length):  # a warm-up, then the measurement
+        q = torch.randn(shape(cfg.num_attention_heads, n), generator=gen, device=device, dtype=dtype)
+        k, v = (torch.randn(shape(cfg.num_key_value_heads, n), generator=gen, device=device, dtype=dtype) for _ in range(2))
+        seconds = [timed(lambda: f(q, k, v), device, repeat) for f in (sdpa, lh)]
+    return seconds
 
 
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
+def timed(fn, device, repeat=1):
+    """The median wall time of `repeat` calls."""
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def sync(device):
@@ -141,13 +150,13 @@ def measure(args):
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        seconds = timed(lambda: prefill(model, ids), args.device)
+        seconds = timed(lambda: prefill(model, ids), args.device, args.repeat)
         result = dict(seconds=seconds, peak_bytes=peak_bytes(args.device), work_bytes=peak_bytes(args.device) - base)
     elif kind == "decode":
         result = dict(ms_per_token=decode_steps(model, length, DECODE_STEPS, args.device))
     else:
         sdpa, lh = attention_alone(model, length, args.attn_chunk_size, args.attn_num_chunks, args.device,
-                                   getattr(torch, args.dtype))
+                                   getattr(torch, args.dtype), args.repeat)
         result = dict(sdpa_seconds=sdpa, longheads_seconds=lh)
     print(json.dumps(dict(kind=kind, attention=attention, length=length, model=str(path or args.shape or "smollm2"), **result)))
 
@@ -169,7 +178,7 @@ def child(args, kind, attention, length):
 
 
 def passthrough(args):
-    out = ["--device", args.device, "--dtype", args.dtype, "--chunk-size", str(args.chunk_size),
+    out = ["--device", args.device, "--dtype", args.dtype, "--repeat", str(args.repeat), "--chunk-size", str(args.chunk_size),
            "--num-chunks", str(args.num_chunks), "--attn-chunk-size", str(args.attn_chunk_size),
            "--attn-num-chunks", str(args.attn_num_chunks)]
     return out + (["--shape", args.shape] if args.shape else [])
@@ -245,12 +254,13 @@ def parse_args(argv=None):
     p.add_argument("--attn-chunk-size", type=int, default=128, help="chunk size for attention alone")
     p.add_argument("--attn-num-chunks", type=int, default=16, help="chunks per head for attention alone")
     p.add_argument("--offload", action="store_true", help="also LongHeads with its keys and values in pinned CPU memory (CUDA)")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs per measurement; the median is kept")
     p.add_argument("--json", help="write the records and ratios to this file")
     p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: one measurement
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    if min(args.lengths + args.decode_lengths + args.attention_lengths, default=1) < 1:
-        p.error("lengths must be positive")
+    if min(args.lengths + args.decode_lengths + args.attention_lengths, default=1) < 1 or args.repeat < 1:
+        p.error("lengths and --repeat must be positive")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available here; use --device cpu")
     if args.offload and not args.device.startswith("cuda"):
