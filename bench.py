@@ -56,7 +56,7 @@ def load(args, mode):
         return Llama.from_pretrained(path, device=args.device, dtype=dtype, **opts), path
     with torch.device("meta"):
         model = Llama(LlamaConfig(**SHAPES[args.shape or "smollm2"]), **opts)
-    model = model.to_empty(device=args.device).to(dtype)
+    model = model.to(dtype).to_empty(device=args.device)  # the dtype first: no float32 copy of a 7B
     for name, p in model.named_parameters():
         torch.nn.init.ones_(p) if "norm" in name else torch.nn.init.normal_(p, std=0.02)
     return model.eval(), None
