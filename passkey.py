@@ -61,6 +61,11 @@ def key_digits(tok, ids, key):
     return [start + j for j, t in enumerate(line) if tok.decode([t]).strip().isdigit()]
 
 
+def trial_key(seed, length, depth, trial):
+    """The five-digit key of one trial: the same for every attention and every run."""
+    return random.Random(f"{seed}-{length}-{depth}-{trial}").randint(10000, 99999)
+
+
 def first_integer(text):
     match = re.search(r"\d+", text)
     return int(match.group()) if match else None
@@ -167,6 +172,7 @@ def attentions(args):
 
 
 def load(args):
+    """The model and tokenizer of --model (or the default), checked against the arguments."""
     from convert import default_model
     from model import Llama
     from tokenizer import Tokenizer
@@ -174,7 +180,10 @@ def load(args):
     dtype = torch.bfloat16 if args.dtype is None and args.device.startswith("cuda") else getattr(torch, args.dtype or "float32")
     model = Llama.from_pretrained(path, device=args.device, dtype=dtype, chunk_size=args.chunk_size,
                                   num_chunks=args.num_chunks, offload=args.offload)
-    return model, Tokenizer(path), dtype
+    tok = Tokenizer(path)
+    check_model(model, tok, args)
+    check_memory(model, args, dtype)
+    return model, tok, dtype
 
 
 def check_model(model, tok, args):
@@ -191,10 +200,8 @@ def run_diagnosis(args):
     """--diagnose: one prompt, looked inside (diagnose.py), with full attention for contrast."""
     from diagnose import diagnose
     model, tok, dtype = load(args)
-    check_model(model, tok, args)
-    check_memory(model, args, dtype)
     length, depth, short = args.len[0], args.depths[0], model.config.max_position_embeddings // 2
-    key = random.Random(f"{args.seed}-{length}-{depth}-0").randint(10000, 99999)
+    key = trial_key(args.seed, length, depth, 0)
     prompts = [build_prompt(tok, n, depth, key) for n in (length, short)]
     tensors = [torch.tensor([p], device=args.device) for p in prompts]
     print(f"key {key} at depth {depth}; LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks}")
@@ -203,8 +210,6 @@ def run_diagnosis(args):
 
 def sweep(args):
     model, tok, dtype = load(args)
-    check_model(model, tok, args)
-    check_memory(model, args, dtype)
     print(f"model {args.model or 'SmolLM2-135M-Instruct'} (trained at {model.config.max_position_embeddings}), "
           f"LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks}, {args.device} {str(dtype)[6:]}")
     print(f"{'length':>7} {'depth':>5}  {'attention':<9}  {'key':>5}  {'output':<24} {'ok':<3} {'seconds':>7}")
@@ -212,7 +217,7 @@ def sweep(args):
     for length in args.len:
         for depth in args.depths:
             for trial in range(args.trials):
-                key = random.Random(f"{args.seed}-{length}-{depth}-{trial}").randint(10000, 99999)
+                key = trial_key(args.seed, length, depth, trial)
                 for attention in attentions(args):
                     model.attention = attention
                     output, seconds = run_trial(model, tok, length, depth, key, args.device)
