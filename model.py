@@ -220,12 +220,14 @@ class Llama(nn.Module):
         return self.lm_head(self.hidden(input_ids, caches))
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None):
+    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, caches=None):
         """Prefill the prompt once, then one token per step through the caches.
 
-        input_ids (B, T) -> (B, T + max_new_tokens). temperature 0 is greedy decoding.
+        input_ids (B, T) -> (B, T + max_new_tokens). temperature 0 is greedy decoding. With
+        caches, input_ids continue what they hold; without, they start a fresh sequence.
         """
-        caches = self.new_caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+        if caches is None:
+            caches = self.new_caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
         tokens, new = input_ids, input_ids
         for _ in range(max_new_tokens):
             logits = self.lm_head(self.hidden(new, caches)[:, -1])  # (B, vocab): the last position only

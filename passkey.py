@@ -41,8 +41,10 @@ class UsageError(Exception):
 
 # ----------------------------------------------------------------------------- the prompt
 
-def build_prompt(tok, length, depth, key):
-    """Token ids of exactly `length` tokens with the key line after `depth` of the filler."""
+def prompt_parts(tok, length, depth, key):
+    """The prompt of `length` tokens with the key line after `depth` of the filler, in two parts:
+    (the task and the filler before the key line, the rest). The first part does not depend on
+    the key, and the one of a smaller depth is a prefix of it: trials can share its prefill."""
     head = tok.encode(TASK) + tok.continuation("\n")  # with BOS where the model's tokenizer adds one
     filler, key_ids, question = (tok.continuation(s) for s in (FILLER, KEY_LINE.format(key=key), QUESTION))
     room = length - len(head) - len(key_ids) - len(question)  # tokens of filler
@@ -51,7 +53,13 @@ def build_prompt(tok, length, depth, key):
                          f"({length - room} tokens): use a larger length")
     cycle = filler * (room // len(filler) + 1)  # the filler repeated, cut to `room` tokens below
     before = min(round(depth * room / len(filler)), room // len(filler)) * len(filler)  # whole sentences
-    return head + cycle[:before] + key_ids + cycle[before:room] + question
+    return head + cycle[:before], key_ids + cycle[before:room] + question
+
+
+def build_prompt(tok, length, depth, key):
+    """Token ids of exactly `length` tokens with the key line after `depth` of the filler."""
+    shared, rest = prompt_parts(tok, length, depth, key)
+    return shared + rest
 
 
 def key_digits(tok, ids, key):
@@ -74,13 +82,34 @@ def first_integer(text):
 # ----------------------------------------------------------------------------- one trial
 
 @torch.no_grad()
-def run_trial(model, tok, length, depth, key, device):
-    """Greedy answer to one prompt: (generated text, seconds)."""
-    ids = torch.tensor([build_prompt(tok, length, depth, key)], device=device)
-    start = time.perf_counter()
-    with prefill_progress(model, f"{length} tokens"):
-        out = model.generate(ids, NEW_TOKENS)
-    return tok.decode(out[0, ids.shape[1]:].tolist()), time.perf_counter() - start
+def run_trials(model, tok, length, trials, device):
+    """Greedy answers to prompts of one length. trials: (depth, key) pairs, run in order of
+    depth; yields (depth, key, generated text, seconds) for each.
+
+    All these prompts start with the same filler, up to their key lines. So the filler is
+    prefilled once, into caches that grow depth by depth, and each trial goes on from a copy of
+    them: the attention of one prefill of the whole prompt, for a fraction of the work. A
+    trial's seconds are the work done for it (any filler not yet shared, then its own rest).
+    """
+    shared_caches = model.new_caches(1, length + NEW_TOKENS)
+    caches = model.new_caches(1, length + NEW_TOKENS)
+    for depth, key in sorted(trials, key=lambda trial: trial[0]):
+        shared, rest = prompt_parts(tok, length, depth, key)
+        start = time.perf_counter()
+        with prefill_progress(model, f"{length} tokens"):
+            if len(shared) > shared_caches[0].length:
+                model.hidden(torch.tensor([shared[shared_caches[0].length:]], device=device), shared_caches)
+            copy_caches(shared_caches, caches)
+            out = model.generate(torch.tensor([rest], device=device), NEW_TOKENS, caches=caches)
+        yield depth, key, tok.decode(out[0, len(rest):].tolist()), time.perf_counter() - start
+
+
+def copy_caches(src, dst):
+    """Make the caches dst hold what src holds, in dst's own memory (pinned stays pinned)."""
+    for s, d in zip(src, dst):
+        for x, y in zip(s.buffers(), d.buffers()):
+            y.copy_(x)
+        d.length = s.length
 
 
 class prefill_progress:
@@ -112,7 +141,8 @@ def bytes_needed(cfg, length, attention, dtype, offload=False):
     when LongHeads' cache is offloaded, in CPU memory: (device bytes, host bytes)."""
     size = torch.finfo(dtype).bits // 8
     tokens = length + NEW_TOKENS
-    cache = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * tokens * cfg.head_dim * size
+    # keys and values, twice: the filler's caches that trials share and one trial's copy
+    cache = 2 * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * tokens * cfg.head_dim * size
     widths = 4 * cfg.hidden_size + 3 * cfg.intermediate_size + (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
     activations = tokens * widths * size
     work = 4 * 4 * BLOCK_SCORES if attention == "longheads" else 0  # a block's scores, a few copies
@@ -215,19 +245,17 @@ def sweep(args):
     print(f"{'length':>7} {'depth':>5}  {'attention':<9}  {'key':>5}  {'output':<24} {'ok':<3} {'seconds':>7}")
     records = []
     for length in args.len:
-        for depth in args.depths:
-            for trial in range(args.trials):
-                key = trial_key(args.seed, length, depth, trial)
-                for attention in attentions(args):
-                    model.attention = attention
-                    output, seconds = run_trial(model, tok, length, depth, key, args.device)
-                    correct = first_integer(output) == key
-                    records.append(dict(length=length, depth=depth, attention=attention, key=key,
-                                        output=output, correct=correct, seconds=round(seconds, 2)))
-                    print(f"{length:>7} {depth:>5.2f}  {attention:<9}  {key:>5}  {output[:24]!r:<24} "
-                          f"{'yes' if correct else 'no':<3} {seconds:>7.1f}", flush=True)
-                    if args.json:
-                        write_atomically(args.json, json.dumps(records, indent=1))
+        trials = [(depth, trial_key(args.seed, length, depth, t)) for depth in args.depths for t in range(args.trials)]
+        for attention in attentions(args):
+            model.attention = attention
+            for depth, key, output, seconds in run_trials(model, tok, length, trials, args.device):
+                correct = first_integer(output) == key
+                records.append(dict(length=length, depth=depth, attention=attention, key=key,
+                                    output=output, correct=correct, seconds=round(seconds, 2)))
+                print(f"{length:>7} {depth:>5.2f}  {attention:<9}  {key:>5}  {output[:24]!r:<24} "
+                      f"{'yes' if correct else 'no':<3} {seconds:>7.1f}", flush=True)
+                if args.json:
+                    write_atomically(args.json, json.dumps(records, indent=1))
     summarize(records)
     if args.plot:
         plot(records, args.plot)

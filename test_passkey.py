@@ -78,6 +78,26 @@ def test_prompt_has_exact_length_and_key_at_depth(tokenizer, length, depth):
     filler = len(text) - len(passkey.TASK) - len(passkey.QUESTION) - len(passkey.KEY_LINE.format(key=54321))
     assert abs((key_at - start) / filler - depth) < 0.1  # to a whole filler sentence
     assert "".join(tokenizer.decode([ids[i]]) for i in passkey.key_digits(tokenizer, ids, 54321)) == "5432154321"
+    shared, _ = passkey.prompt_parts(tokenizer, length, depth, key=54321)
+    deeper, _ = passkey.prompt_parts(tokenizer, length, min(1.0, depth + 0.2), key=12345)
+    assert ids[:len(shared)] == shared == deeper[:len(shared)]  # what trials share: no key in it
+
+
+@needs_model
+@pytest.mark.parametrize("attention", ["full", "longheads"])
+def test_trials_sharing_the_filler_answer_as_whole_prompts(smollm2, tokenizer, attention):
+    """run_trials prefills the common filler once; every answer is the one of its whole prompt."""
+    from model import Llama
+    model = Llama.from_pretrained(smollm2, dtype=torch.float32, attention=attention, chunk_size=64, num_chunks=8)
+    length, trials = 1200, [(0.8, 11111), (0.2, 22222), (0.8, 33333), (0.5, 44444)]
+    embedded = []
+    model.model.embed_tokens.register_forward_hook(lambda m, a, o: embedded.append(a[0].shape[1]))
+    answers = {(d, k): text for d, k, text, _ in passkey.run_trials(model, tokenizer, length, trials, "cpu")}
+    assert sum(embedded) < len(trials) * length  # the filler was shared
+    for depth, key in trials:
+        ids = torch.tensor([passkey.build_prompt(tokenizer, length, depth, key)])
+        expected = model.generate(ids, passkey.NEW_TOKENS)[0, length:].tolist()
+        assert answers[depth, key] == tokenizer.decode(expected)
 
 
 @needs_model
