@@ -263,12 +263,15 @@ def sweep(args):
 
 
 def summarize(records):
+    """Accuracy per (attention, length), and the seconds per trial with the shared work spread."""
     print("\naccuracy")
     cells = {}
     for r in records:
-        cells.setdefault((r["attention"], r["length"]), []).append(r["correct"])
-    for (attention, length), oks in sorted(cells.items()):
-        print(f"  {attention:<9} {length:>7}: {sum(oks)}/{len(oks)} = {sum(oks) / len(oks):.0%}")
+        cells.setdefault((r["attention"], r["length"]), []).append(r)
+    for (attention, length), rs in sorted(cells.items()):
+        ok, n = sum(r["correct"] for r in rs), len(rs)
+        print(f"  {attention:<9} {length:>7}: {ok}/{n} = {ok / n:.0%}, "
+              f"{sum(r['seconds'] for r in rs) / n:.1f} s per trial")
 
 
 def plot(records, file):
