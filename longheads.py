@@ -28,6 +28,7 @@ import torch.nn.functional as F
 SUMMARY_TOKENS = 4096  # chunks are summarised this many tokens at a time (bounds working memory)
 BLOCK_SCORES = 2**24  # default query block: about this many (query, key) scores (64 MiB in float32)
 TILE = 64  # (query, chunk) pairs that share one read of a chunk's keys
+MASK_BLOCK = 1024  # queries per masked SDPA call after a cached prefix (it also computes masked scores)
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -75,11 +76,18 @@ def rope_table(rope, rope_theta, head_dim, length, device, dtype=torch.float32):
 def causal_attention(q, k, v):
     """Ordinary causal attention of the last T of S positions: q (B, H, T, D), k and v (B, Hkv, S, D)."""
     T, S = q.shape[2], k.shape[2]
-    # why: SDPA's is_causal aligns the mask top-left; queries after a cached prefix need it aligned
-    # bottom-right, so they get an explicit mask (a single new token needs none)
-    mask = None if T in (1, S) else (
-        torch.arange(S, device=q.device) <= torch.arange(S - T, S, device=q.device)[:, None])  # (T, S)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=1 < T == S, enable_gqa=True)
+    if T in (1, S):  # one new token sees every key; a whole sequence is SDPA's own causal case
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
+    # why: after a cached prefix the mask must align bottom-right, which is_causal does not do, and
+    # SDPA computes every score under an explicit mask: so blocks of queries each read the keys up
+    # to their last one, and only a block's own triangle is computed in vain
+    out = []
+    for a in range(0, T, MASK_BLOCK):
+        b = min(T, a + MASK_BLOCK)
+        e = S - T + b  # keys up to the block's last query
+        mask = torch.arange(e, device=q.device) <= torch.arange(S - T + a, e, device=q.device)[:, None]  # (b - a, e)
+        out.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, :e], v[:, :, :e], attn_mask=mask, enable_gqa=True))
+    return torch.cat(out, dim=2)  # (B, H, T, D)
 
 
 # ----------------------------------------------------------------------------- §1 and §2

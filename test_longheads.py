@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from longheads import (LongHeadsCache, apply_rope, longheads_attention, longheads_reference, pack,
-                       reference_selection, rope_cos_sin, rope_inv_freq, select_chunks)
+import longheads
+from longheads import (LongHeadsCache, apply_rope, causal_attention, longheads_attention,
+                       longheads_reference, pack, reference_selection, rope_cos_sin, rope_inv_freq,
+                       select_chunks)
 
 PROPERTY = settings(max_examples=int(os.environ.get("LONGHEADS_EXAMPLES", 200)), deadline=None)
 
@@ -55,6 +57,24 @@ def test_every_chunk_selected_is_causal_attention(problem):
     q, k, v, opts = problem
     expected = causal_rope_attention(q, k, v, opts["rope_theta"])
     torch.testing.assert_close(longheads_attention(q, k, v, **opts), expected)
+
+
+@PROPERTY
+@given(st.integers(1, 40), st.integers(0, 40), st.integers(1, 2), st.sampled_from([1, 3]),
+       st.integers(1, 9), st.integers(0, 2**32 - 1))
+def test_causal_attention_after_a_prefix_is_the_masked_definition(T, prefix, Hkv, G, mask_block, seed):
+    """The last T of S queries, in blocks of mask_block, against the plain masked softmax."""
+    gen, S = torch.Generator().manual_seed(seed), prefix + T
+    q = torch.randn(1, Hkv * G, T, 4, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, Hkv, S, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    scores = q @ k.repeat_interleave(G, 1).transpose(-1, -2) / 2  # (1, H, T, S); 2 = sqrt(D)
+    future = torch.arange(S) > torch.arange(prefix, S)[:, None]  # (T, S)
+    expected = scores.masked_fill(future, float("-inf")).softmax(-1) @ v.repeat_interleave(G, 1)
+    old, longheads.MASK_BLOCK = longheads.MASK_BLOCK, mask_block
+    try:
+        torch.testing.assert_close(causal_attention(q, k, v), expected)
+    finally:
+        longheads.MASK_BLOCK = old
 
 
 @PROPERTY
