@@ -283,9 +283,13 @@ def plot(records, file):
     lengths, depths = sorted({r["length"] for r in records}), sorted({r["depth"] for r in records})
     fig, axes = plt.subplots(1, len(kinds), figsize=(1.2 * len(lengths) * len(kinds) + 2, 0.5 * len(depths) + 2), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
-        grid = [[mean([r["correct"] for r in records if (r["attention"], r["length"], r["depth"]) == (kind, n, d)])
-                 for n in lengths] for d in depths]
-        ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        cells = [[[r["correct"] for r in records if (r["attention"], r["length"], r["depth"]) == (kind, n, d)]
+                  for n in lengths] for d in depths]  # (depths, lengths) lists of outcomes
+        ax.imshow([[mean(c) for c in row] for row in cells], cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        for i, row in enumerate(cells):
+            for j, c in enumerate(row):
+                if c:  # a blank cell was not run
+                    ax.text(j, i, f"{sum(c)}/{len(c)}", ha="center", va="center")
         ax.set(title=kind, xlabel="context length", ylabel="depth", xticks=range(len(lengths)),
                yticks=range(len(depths)), xticklabels=[f"{n // 1024}k" for n in lengths],
                yticklabels=[f"{d:.2f}" for d in depths])

@@ -152,3 +152,13 @@ def test_impossible_lengths_are_one_line_and_exit_2(smollm2, args, message):
 def run_cli(*args):
     return subprocess.run([sys.executable, "passkey.py", *args], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_plot_writes_a_heatmap_png_atomically(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [dict(attention=a, length=n, depth=d, correct=ok)
+               for a in ("full", "longheads") for n in (4096, 8192) for d in (0.0, 1.0) for ok in (True, False)
+               if (a, n, d) != ("full", 8192, 1.0)]  # a cell that was not run stays blank
+    passkey.plot(records, str(tmp_path / "map.png"))
+    assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["map.png"]
