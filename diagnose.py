@@ -59,7 +59,7 @@ def final_weights(cache, q, t):
         k = cache.k[0, :, :t + 1].repeat_interleave(H // cache.k.shape[1], dim=0).float()  # (H, t + 1, D)
         logits = (k @ apply_rope(q.float(), cos, sin)[:, :, None]).squeeze(-1)  # (H, t + 1)
         return torch.softmax(logits / math.sqrt(D), dim=-1)
-    w, chunks = cache.w, selection(cache, q, t)  # (H, n_sel), sorted
+    w, chunks = cache.w, selection(cache, q, t)  # (H, n_sel), in layout order
     rank = torch.full((H, t // w + 1), -1, device=q.device)
     rank.scatter_(1, chunks, torch.arange(chunks.shape[1], device=q.device).expand_as(chunks))
     r = rank[:, torch.arange(t + 1, device=q.device) // w]  # (H, t + 1): each token's chunk rank, -1 unread
@@ -72,12 +72,12 @@ def final_weights(cache, q, t):
 
 
 def selection(cache, q, t):
-    """The sorted chunks (H, n_sel) that query t of each head reads."""
+    """The chunks (H, n_sel) that query t of each head reads, in their layout order."""
     g = t // cache.w
     if g < cache.K:
         return torch.arange(g + 1, device=q.device).expand(q.shape[0], g + 1)
     summaries = cache.summaries[0, :, :, :g - 1].flatten(0, 1)  # (H, g - 1, D)
-    return select_chunks(q[:, None], summaries, torch.tensor([g], device=q.device), cache.K)[:, 0]
+    return select_chunks(q[:, None], summaries, torch.tensor([g], device=q.device), cache.K, cache.layout)[:, 0]
 
 
 def key_chunk_rank(cache, q, t, key_tokens):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from longheads import BLOCK_SCORES
+from longheads import BLOCK_SCORES, LAYOUTS
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
         "them. I will quiz you about the important information there.")
@@ -209,7 +209,7 @@ def load(args):
     path = Path(args.model) if args.model else default_model()
     dtype = torch.bfloat16 if args.dtype is None and args.device.startswith("cuda") else getattr(torch, args.dtype or "float32")
     model = Llama.from_pretrained(path, device=args.device, dtype=dtype, chunk_size=args.chunk_size,
-                                  num_chunks=args.num_chunks, offload=args.offload)
+                                  num_chunks=args.num_chunks, offload=args.offload, layout=args.layout)
     tok = Tokenizer(path)
     check_model(model, tok, args)
     check_memory(model, args, dtype)
@@ -234,14 +234,15 @@ def run_diagnosis(args):
     key = trial_key(args.seed, length, depth, 0)
     prompts = [build_prompt(tok, n, depth, key) for n in (length, short)]
     tensors = [torch.tensor([p], device=args.device) for p in prompts]
-    print(f"key {key} at depth {depth}; LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks}")
+    print(f"key {key} at depth {depth}; LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks} "
+          f"layout={model.layout}")
     diagnose(model, tok, tensors[0], key_digits(tok, prompts[0], key), tensors[1], key_digits(tok, prompts[1], key))
 
 
 def sweep(args):
     model, tok, dtype = load(args)
     print(f"model {args.model or 'SmolLM2-135M-Instruct'} (trained at {model.config.max_position_embeddings}), "
-          f"LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks}, {args.device} {str(dtype)[6:]}")
+          f"LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks} layout={model.layout}, {args.device} {str(dtype)[6:]}")
     print(f"{'length':>7} {'depth':>5}  {'attention':<9}  {'key':>5}  {'output':<24} {'ok':<3} {'seconds':>7}")
     records = []
     for length in args.len:
@@ -319,6 +320,8 @@ def parse_args(argv=None):
     p.add_argument("--attention", choices=["longheads", "full", "both"], default="longheads")
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--num-chunks", type=int, help="chunks per head (default: trained length / chunk size)")
+    p.add_argument("--layout", choices=LAYOUTS, default="position",
+                   help="order of a head's picked chunks: the paper's (position) or best nearest the query (score)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")

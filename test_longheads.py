@@ -18,7 +18,7 @@ from hypothesis import given, settings, strategies as st
 
 import longheads
 from longheads import (LongHeadsCache, apply_rope, causal_attention, longheads_attention,
-                       longheads_reference, pack, reference_selection, rope_cos_sin, rope_inv_freq,
+                       longheads_reference, LAYOUTS, pack, reference_selection, rope_cos_sin, rope_inv_freq,
                        select_chunks)
 
 PROPERTY = settings(max_examples=int(os.environ.get("LONGHEADS_EXAMPLES", 200)), deadline=None)
@@ -39,7 +39,8 @@ def problems(draw, budget):
     q = torch.randn(B, Hkv * G, T, D, generator=gen, dtype=torch.float64)
     k = torch.randn(B, Hkv, T, D, generator=gen, dtype=torch.float64)
     v = torch.randn(B, Hkv, T, D, generator=gen, dtype=torch.float64)
-    return q, k, v, dict(chunk_size=w, num_chunks=K, rope_theta=theta)
+    layout = draw(st.sampled_from(LAYOUTS))
+    return q, k, v, dict(chunk_size=w, num_chunks=K, rope_theta=theta, layout=layout)
 
 
 def causal_rope_attention(q, k, v, rope_theta):
@@ -109,14 +110,18 @@ def test_selections_obey_the_rule(problem):
     cache(q, k, v)  # fills keys and summaries
     summaries = cache.summaries.flatten(1, 2)  # (B, H, n, D)
     t = torch.arange(K * w, T)  # every query past the first K chunks
-    ids = select_chunks(q[:, :, K * w:], summaries[:, :, :(T - 1) // w - 1], t // w, K)  # (B, H, b, K)
+    ids = select_chunks(q[:, :, K * w:], summaries[:, :, :(T - 1) // w - 1], t // w, K, opts["layout"])  # (B, H, b, K)
     for z in range(B):
         for h in range(H):
             for i, g in enumerate((t // w).tolist()):
                 chunks = ids[z, h, i].tolist()
-                assert chunks == sorted(set(chunks)) and max(chunks) == g  # sorted, unique, no future
-                assert {0, g - 1, g} <= set(chunks) and len(chunks) == K
-                assert chunks == reference_selection(q[z, h, K * w + i], summaries[z, h], g, K)
+                assert len(set(chunks)) == K and max(chunks) == g  # unique, no future
+                assert chunks[0] == 0 and chunks[-2:] == [g - 1, g]
+                picked = chunks[1:-2]
+                scores = (q[z, h, K * w + i] @ summaries[z, h, picked].T).tolist()
+                order = picked if opts["layout"] == "position" else scores  # original order, or rising score
+                assert order == sorted(order)
+                assert chunks == reference_selection(q[z, h, K * w + i], summaries[z, h], g, K, opts["layout"])
 
 
 @given(st.lists(st.integers(0, 9), min_size=1, max_size=300), st.integers(1, 8))
@@ -155,6 +160,7 @@ def test_rope_tables_inverse_frequencies_and_theta_agree():
     (dict(num_chunks=2), "num_chunks must be >= 3"),
     (dict(chunk_size=0), "chunk_size must be >= 1"),
     (dict(block_size=0), "block_size must be >= 1"),
+    (dict(layout="random"), "layout must be one of position, score"),
     (dict(rope=torch.ones(3)), "inverse frequencies must have shape"),
     (dict(rope=(torch.ones(4, 8), torch.ones(4, 8))), "cos/sin tables"),
 ])
@@ -277,21 +283,22 @@ def test_dynamic_rope_logits_match_transformers(tmp_path):
 class ReferenceAttention(torch.nn.Module):
     """A stand-in for a layer's cache that computes LongHeads with the slow reference."""
 
-    def __init__(self, inv_freq, chunk_size, num_chunks):
+    def __init__(self, inv_freq, chunk_size, num_chunks, layout):
         super().__init__()
-        self.inv_freq, self.opts = inv_freq, dict(chunk_size=chunk_size, num_chunks=num_chunks)
+        self.inv_freq, self.opts = inv_freq, dict(chunk_size=chunk_size, num_chunks=num_chunks, layout=layout)
 
     def forward(self, q, k, v):
         return longheads_reference(q.double(), k.double(), v.double(), rope=self.inv_freq, **self.opts).float()
 
 
-def test_selective_longheads_model_equals_the_reference(checkpoint):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_selective_longheads_model_equals_the_reference(checkpoint, layout):
     """With a budget far below the prompt, the model's logits are those of the reference loop."""
     from model import Llama
     path, _ = checkpoint
-    model = Llama.from_pretrained(path, attention="longheads", chunk_size=3, num_chunks=4)
+    model = Llama.from_pretrained(path, attention="longheads", chunk_size=3, num_chunks=5, layout=layout)
     ids = torch.randint(0, 101, (1, 33), generator=torch.Generator().manual_seed(5))
-    reference = [ReferenceAttention(model.config.inv_freq(12), 3, 4) for _ in model.model.layers]
+    reference = [ReferenceAttention(model.config.inv_freq(15), 3, 5, layout) for _ in model.model.layers]
     with torch.no_grad():
         torch.testing.assert_close(model(ids), model(ids, caches=reference), atol=1e-4, rtol=0)
 
