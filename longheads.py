@@ -333,8 +333,8 @@ def longheads_attention(q, k, v, *, chunk_size=256, num_chunks=16, rope_theta=10
     rope: None (RoPE with base rope_theta), inverse frequencies (D/2,), or a (cos, sin) pair of
     (P, D) tables, for scaled RoPE. block_size: queries per block (default: at most chunk_size,
     and about BLOCK_SCORES scores); it bounds the working memory. layout: the order of the
-    picked chunks, "position" (the paper's) or "score" (select_chunks). Returns (B, H, T, D). With num_chunks * chunk_size >= T this is ordinary
-    causal attention with RoPE at true positions.
+    picked chunks, "position" (the paper's) or "score" (select_chunks). Returns (B, H, T, D).
+    With num_chunks * chunk_size >= T this is ordinary causal attention with RoPE at true positions.
     """
     check_inputs(q, k, v)
     B, H, T, D = q.shape
