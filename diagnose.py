@@ -8,7 +8,8 @@ every layer, over the query heads:
   rank     the key chunk's rank among the candidates by summary score (1 = best; median over
            heads; "-" when the key sits in a chunk every query reads anyway)
   mass     the attention the final query puts on the key's digits (mean and best head)
-and the model's top-5 next tokens. Then the same for full attention on the same key at a length
+the chunks that fill the scored slots most often over all layers and heads (are the winners
+the same few filler chunks everywhere?), and the model's top-5 next tokens. Then the same for full attention on the same key at a length
 where full attention still works (half the trained length), for contrast.
 """
 import math
@@ -23,11 +24,13 @@ def diagnose(model, tok, ids, key_tokens, contrast_ids, contrast_key_tokens):
     """Print the table for one prompt (LongHeads) and for a shorter one (full attention)."""
     for name, prompt, where in [("longheads", ids, key_tokens), ("full", contrast_ids, contrast_key_tokens)]:
         model.attention = name
-        rows, top5 = inspect(model, prompt, where)
+        rows, slots, top5 = inspect(model, prompt, where)
         print(f"\n{name} attention, {prompt.shape[1]} tokens, key digits at {where[0]}..{where[-1]}")
         print(f"{'layer':>5}  {'picked':>7}  {'rank':>5}  {'mass mean':>9}  {'mass best':>9}")
         for layer, (picked, rank, mass) in enumerate(rows):
             print(f"{layer:>5}  {picked:>7}  {rank:>5}  {mass.mean():>9.3f}  {mass.max():>9.3f}")
+        if slots:
+            print(scored_slots(slots, where, model.chunk_size))
         print("next token: " + ", ".join(f"{tok.decode([i])!r} {v:.2f}" for v, i in zip(*top5)))
 
 
@@ -42,13 +45,27 @@ def inspect(model, ids, key_tokens):
     finally:
         for h in hooks:
             h.remove()
-    t, rows = ids.shape[1] - 1, []
+    t, rows, slots = ids.shape[1] - 1, [], []
     for i, cache in enumerate(caches):
         weights = final_weights(cache, finals[i], t)  # (H, t + 1)
         picked, rank = key_chunk_rank(cache, finals[i], t, key_tokens)
         rows.append((picked, rank, weights[:, key_tokens].sum(-1)))
+        if isinstance(cache, LongHeadsCache) and t // cache.w >= cache.K:
+            chunks = selection(cache, finals[i], t)  # (H, K)
+            slots.append(chunks[(chunks > 0) & (chunks < t // cache.w - 1)])  # the scored ones
     top = logits.float().topk(5)
-    return rows, (top.values.tolist(), top.indices.tolist())
+    return rows, slots, (top.values.tolist(), top.indices.tolist())
+
+
+def scored_slots(slots, key_tokens, w, shown=8):
+    """One line: how many distinct chunks fill the final query's scored slots, the most frequent."""
+    counts = torch.cat(slots).bincount()  # (chunks,): slots filled by each chunk, over layers and heads
+    key_chunks = {u // w for u in key_tokens}
+    top = counts.topk(min(shown, int((counts > 0).sum())))
+    most = ", ".join(f"{c}{' (key)' if c in key_chunks else ''} x{n}"
+                     for n, c in zip(top.values.tolist(), top.indices.tolist()))
+    return (f"scored slots: {int(counts.sum())} over {len(slots)} layers, filled by "
+            f"{int((counts > 0).sum())} distinct chunks; most often: {most}")
 
 
 def final_weights(cache, q, t):

@@ -120,6 +120,8 @@ def test_diagnose_prints_every_layer_for_both_attentions(smollm2):
     assert len(re.findall(r"^\s+\d+\s+\d+/9\s+(\d+|-)\s+[\d.]+\s+[\d.]+$", out.stdout, re.M)) == layers
     assert len(re.findall(r"^\s+\d+\s+all\s+-\s+[\d.]+\s+[\d.]+$", out.stdout, re.M)) == layers
     assert out.stdout.count("next token: ") == 2
+    slots = re.findall(r"^scored slots: (\d+) over (\d+) layers, filled by (\d+) distinct", out.stdout, re.M)
+    assert len(slots) == 1 and int(slots[0][0]) == (8 - 3) * 9 * layers and int(slots[0][1]) == layers  # LongHeads only
 
 
 @pytest.mark.parametrize("args, message", [
