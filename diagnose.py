@@ -9,8 +9,9 @@ every layer, over the query heads:
            heads; "-" when the key sits in a chunk every query reads anyway)
   mass     the attention the final query puts on the key's digits (mean and best head)
 the chunks that fill the scored slots most often over all layers and heads (are the winners
-the same few filler chunks everywhere?), and the model's top-5 next tokens. Then the same for full attention on the same key at a length
-where full attention still works (half the trained length), for contrast.
+the same few filler chunks everywhere?), and the model's top-5 next tokens. Then the same for
+full attention on the same key at a length where full attention still works (half the trained
+length), for contrast.
 """
 import math
 
