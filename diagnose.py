@@ -94,8 +94,9 @@ def selection(cache, q, t):
     g = t // cache.w
     if g < cache.K:
         return torch.arange(g + 1, device=q.device).expand(q.shape[0], g + 1)
-    summaries = cache.summaries[0, :, :, :g - 1].flatten(0, 1)  # (H, g - 1, D)
-    return select_chunks(q[:, None], summaries, torch.tensor([g], device=q.device), cache.K, cache.layout)[:, 0]
+    qg = q.view(1, -1, cache.groups, 1, q.shape[-1])  # (1, Hkv, G, 1, D), as the cache groups heads
+    scores = cache.scores(qg, g - 1).flatten(0, 2)  # (H, 1, g - 2)
+    return select_chunks(scores, torch.tensor([g], device=q.device), cache.K, cache.layout)[:, 0]
 
 
 def key_chunk_rank(cache, q, t, key_tokens):

@@ -11,6 +11,8 @@ different chunks, so together they cover the whole context, and a query costs O(
 This file is the whole method (the specification is DESIGN.md; its sections are cited below):
   - RoPE helpers (Hugging Face "rotate-half" layout)
   - chunk_summaries    §1  one summary key per complete chunk and query head
+  - candidate_scores   §2  how well each chunk suits a query (select="summary", the paper's;
+                             "maxkey", a chunk's best key; "recent", the sliding-window baseline)
   - select_chunks      §2  which chunks a query attends to, and their order (layout="position",
                              the paper's; "score", a variant: the best candidate nearest the query)
   - LongHeadsCache     §3-§4  keys, values and summaries; prefill and decoding are one code path
@@ -31,6 +33,7 @@ BLOCK_SCORES = 2**24  # default query block: about this many (query, key) scores
 TILE = 64  # (query, chunk) pairs that share one read of a chunk's keys
 MASK_BLOCK = 1024  # queries per masked SDPA call after a cached prefix (it also computes masked scores)
 LAYOUTS = ("position", "score")  # the order of the picked chunks: the paper's, or best nearest (§3)
+SELECTS = ("summary", "maxkey", "recent")  # how candidates are scored: the paper's, or variants (§2)
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -109,21 +112,40 @@ def chunk_summaries(q, k, v):
     return (weights @ k).squeeze(-2)  # (B, Hkv, G, n, D)
 
 
-def select_chunks(q, summaries, chunks, num_chunks, layout="position"):
+def candidate_scores(q, summaries, keys, rope_w, select="summary"):
+    """§2: how well each candidate chunk 1..n-1 suits each query, (..., b, n - 1); higher is better.
+
+    q: (B, Hkv, G, b, D) raw queries; summaries: (B, Hkv, G, n, D); keys: (B, Hkv, n * w, D) at
+    chunk-local positions (read by "maxkey" only); rope_w: (cos, sin) of position w, each (D,).
+    select "summary" (the paper's): the query against the chunk's summary key. "maxkey": the
+    chunk's best single key, the query placed just after the chunk (distances 1..w). "recent":
+    the newest candidates win, a sliding window with chunk 0 kept: the baseline that tells
+    whether scoring earns anything.
+    """
+    n = summaries.shape[-2]
+    if select == "summary":
+        return q.to(summaries.dtype) @ summaries[..., 1:, :].transpose(-1, -2)  # (B, Hkv, G, b, n - 1)
+    if select == "recent":
+        newer = torch.arange(1, n, dtype=summaries.dtype, device=q.device)  # (n - 1,)
+        return newer.expand(*q.shape[:-1], n - 1)
+    qw = apply_rope(q, *rope_w).to(summaries.dtype)  # (B, Hkv, G, b, D)
+    k = keys[:, :, None, keys.shape[2] // n:].to(summaries.dtype)  # (B, Hkv, 1, (n - 1) * w, D)
+    return (qw @ k.transpose(-1, -2)).unflatten(-1, (n - 1, -1)).amax(-1)  # (B, Hkv, G, b, n - 1)
+
+
+def select_chunks(scores, chunks, num_chunks, layout="position"):
     """§2: the chunks that queries past the first num_chunks chunks attend to, in layout order.
 
-    q: (..., b, D) raw queries; chunks: (b,) the chunk each query sits in, all >= num_chunks;
-    summaries: (..., n, D) the summary keys of chunks 0..n-1, n = max(chunks) - 1. Returns
-    (..., b, num_chunks): chunk 0, the best num_chunks - 3 candidates among chunks 1..g-2, the
-    previous chunk g-1 and the own chunk g. The candidates come in their original order
-    (layout "position", the paper's), or by rising score (layout "score", a variant: the best
-    candidate sits next to the previous chunk, nearest the query). (Queries in the first
-    num_chunks chunks read every chunk, which is ordinary causal attention.)
+    scores: (..., b, n - 1) of candidates 1..n-1 (candidate_scores); chunks: (b,) the chunk each
+    query sits in, all >= num_chunks, n = max(chunks) - 1. Returns (..., b, num_chunks): chunk 0,
+    the best num_chunks - 3 candidates among chunks 1..g-2, the previous chunk g-1 and the own
+    chunk g. The candidates come in their original order (layout "position", the paper's), or by
+    rising score (layout "score", a variant: the best candidate sits next to the previous chunk,
+    nearest the query). (Queries in the first num_chunks chunks read every chunk, which is
+    ordinary causal attention.)
     """
-    candidates = summaries[..., 1:, :]  # (..., n - 1, D): candidate i is chunk i + 1
-    scores = q.to(summaries.dtype) @ candidates.transpose(-1, -2)  # (..., b, n - 1)
-    future = torch.arange(1, candidates.shape[-2] + 1, device=q.device) >= chunks[:, None] - 1  # (b, n - 1)
-    top = scores.masked_fill_(future, float("-inf")).topk(num_chunks - 3, dim=-1).indices + 1  # best first
+    future = torch.arange(1, scores.shape[-1] + 1, device=scores.device) >= chunks[:, None] - 1  # (b, n - 1)
+    top = scores.masked_fill(future, float("-inf")).topk(num_chunks - 3, dim=-1).indices + 1  # best first
     top = top.sort(dim=-1).values if layout == "position" else top.flip(-1)
     chunks = chunks[:, None].expand(*top.shape[:-1], 1)  # (..., b, 1)
     return torch.cat([torch.zeros_like(chunks), top, chunks - 1, chunks], dim=-1)
@@ -143,15 +165,16 @@ class LongHeadsCache(torch.nn.Module):
 
     def __init__(self, batch, num_heads, num_kv_heads, max_len, head_dim, *, chunk_size=256,
                  num_chunks=16, rope=None, rope_theta=10000.0, block_size=None, dtype=torch.float32,
-                 device=None, offload=False, layout="position"):
+                 device=None, offload=False, layout="position", select="summary"):
         super().__init__()
-        check_config(num_heads, num_kv_heads, chunk_size, num_chunks, block_size, layout)
+        check_config(num_heads, num_kv_heads, chunk_size, num_chunks, block_size, layout, select)
         if offload and torch.device(device or "cpu").type != "cuda":
             raise ValueError("offload keeps keys and values in CPU memory for a CUDA device; "
                              "without a CUDA device there is nothing to offload: drop offload")
         # offload: keys and values live in pinned CPU memory; only what a block reads moves over
         store = dict(device="cpu", pin_memory=True) if offload else dict(device=device)
         self.w, self.K, self.groups, self.layout = chunk_size, num_chunks, num_heads // num_kv_heads, layout
+        self.select = select
         # a block's working memory: its (query, key) scores, and its own-chunk window of b x (b + w)
         self.block_size = block_size or max(1, min(chunk_size, BLOCK_SCORES // (batch * num_heads * num_chunks * chunk_size)))
         self.max_len, self.length, self.scratch = max_len, 0, {}
@@ -251,7 +274,7 @@ class LongHeadsCache(torch.nn.Module):
         B, Hkv, G, b, D = q.shape
         w, K, dev = self.w, self.K, q.device
         t = torch.arange(s, e, device=dev)
-        ids = select_chunks(q, self.summaries[:, :, :, :(e - 1) // w - 1], t // w, K, self.layout)  # (B, Hkv, G, b, K)
+        ids = select_chunks(self.scores(q, (e - 1) // w - 1), t // w, K, self.layout)  # (B, Hkv, G, b, K)
         # §3: rank r is read from (K - 1 - r) * w + o, whichever chunk it is: the query moves
         pos = (K - 1 - torch.arange(K, device=dev)) * w + t[:, None] % w  # (b, K)
         qr = apply_rope(q[..., None, :], self.cos[pos], self.sin[pos]) / math.sqrt(D)  # (B, Hkv, G, b, K, D)
@@ -269,6 +292,12 @@ class LongHeadsCache(torch.nn.Module):
         own_top, own_mass, own_out = self._own_chunk(qr[..., -1, :], s, e)  # rank K - 1
         top, mass = torch.cat([top, own_top[..., None]], -1), torch.cat([mass, own_mass[..., None]], -1)
         return merge(top, mass, torch.cat([out, own_out[..., None, :]], -2)).to(q.dtype)  # (B, Hkv, G, b, D)
+
+    def scores(self, q, n):
+        """candidate_scores of chunks 1..n-1 for raw queries q (B, Hkv, G, b, D)."""
+        keys = self.k[:, :, :n * self.w].to(q.device) if self.select == "maxkey" else None
+        rope_w = self.cos[self.w], self.sin[self.w]
+        return candidate_scores(q, self.summaries[:, :, :, :n], keys, rope_w, self.select)
 
     def _own_chunk(self, q, s, e):
         """Queries s..e-1, rotated for rank K - 1, read their own chunk up to themselves.
@@ -326,29 +355,34 @@ def pack(key, size, num_keys):
 # ----------------------------------------------------------------------------- the function to copy
 
 def longheads_attention(q, k, v, *, chunk_size=256, num_chunks=16, rope_theta=10000.0, rope=None,
-                        block_size=None, layout="position"):
+                        block_size=None, layout="position", select="summary"):
     """Causal LongHeads attention over a whole sequence.
 
     q: (B, H, T, D), k and v: (B, Hkv, T, D), all before RoPE; H a multiple of Hkv (GQA).
     rope: None (RoPE with base rope_theta), inverse frequencies (D/2,), or a (cos, sin) pair of
     (P, D) tables, for scaled RoPE. block_size: queries per block (default: at most chunk_size,
     and about BLOCK_SCORES scores); it bounds the working memory. layout: the order of the
-    picked chunks, "position" (the paper's) or "score" (select_chunks). Returns (B, H, T, D).
+    picked chunks, "position" (the paper's) or "score" (select_chunks). select: how candidate
+    chunks are scored, "summary" (the paper's), "maxkey" or "recent" (candidate_scores).
+    Returns (B, H, T, D).
     With num_chunks * chunk_size >= T this is ordinary causal attention with RoPE at true positions.
     """
     check_inputs(q, k, v)
     B, H, T, D = q.shape
     cache = LongHeadsCache(B, H, k.shape[1], T, D, chunk_size=chunk_size, num_chunks=num_chunks,
                            rope=rope, rope_theta=rope_theta, block_size=block_size, dtype=q.dtype,
-                           device=q.device, layout=layout)
+                           device=q.device, layout=layout, select=select)
     return cache(q, k, v)
 
 
 # ----------------------------------------------------------------------------- argument checks
 
-def check_config(num_heads, num_kv_heads, chunk_size, num_chunks, block_size=None, layout="position"):
+def check_config(num_heads, num_kv_heads, chunk_size, num_chunks, block_size=None, layout="position",
+                 select="summary"):
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if select not in SELECTS:
+        raise ValueError(f"select must be one of {', '.join(SELECTS)}, got {select!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if num_chunks < 3:
@@ -386,7 +420,7 @@ def check_inputs(q, k, v, cache=None):
 # ----------------------------------------------------------------------------- the slow reference
 
 def longheads_reference(q, k, v, *, chunk_size=256, num_chunks=16, rope_theta=10000.0, rope=None,
-                        layout="position"):
+                        layout="position", select="summary"):
     """The definition, one query at a time: select chunks, lay them out, rotate, attend.
 
     Written straight from DESIGN §1-§3, with nothing shared with the fast path but the RoPE
@@ -402,7 +436,9 @@ def longheads_reference(q, k, v, *, chunk_size=256, num_chunks=16, rope_theta=10
             summaries = [reference_summary(qh[j * w:(j + 1) * w], kh[j * w:(j + 1) * w],
                                            vh[j * w:(j + 1) * w], cos, sin) for j in range(T // w)]
             for t in range(T):
-                chunks = reference_selection(qh[t], summaries, t // w, K, layout)
+                scores = {j: reference_score(qh[t], j, summaries, kh, w, cos, sin, select)
+                          for j in range(1, t // w - 1)}
+                chunks = reference_selection(scores, t // w, K, layout)
                 out[z, h, t] = reference_query(qh[t], kh, vh, t, chunks, w, cos, sin)
     return out
 
@@ -416,11 +452,20 @@ def reference_summary(q, k, v, cos, sin):
     return torch.softmax(kt @ s / math.sqrt(D), dim=0) @ kt  # (D,)
 
 
-def reference_selection(q, summaries, g, K, layout="position"):
-    """§2 for one query in chunk g: the list of chunks it reads, in layout order."""
+def reference_score(q, j, summaries, k, w, cos, sin, select="summary"):
+    """§2: how well candidate chunk j suits raw query q (D,); k: the head's raw keys (T, D)."""
+    if select == "summary":
+        return float(q @ summaries[j])
+    if select == "recent":
+        return float(j)
+    keys = apply_rope(k[j * w:(j + 1) * w], cos[:w], sin[:w])  # (w, D) at chunk-local positions
+    return float((keys @ apply_rope(q, cos[w], sin[w])).max())  # the query just after the chunk
+
+
+def reference_selection(scores, g, K, layout="position"):
+    """§2 for one query in chunk g, scores {candidate: score}: the chunks it reads, in order."""
     if g < K:
         return list(range(g + 1))
-    scores = {j: float(q @ summaries[j]) for j in range(1, g - 1)}
     best = sorted(scores, key=scores.get, reverse=True)[:K - 3]
     return [0, *(sorted(best) if layout == "position" else best[::-1]), g - 1, g]
 

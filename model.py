@@ -183,7 +183,8 @@ class Body(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg, *, attention="full", chunk_size=256, num_chunks=16, offload=False, layout="position"):
+    def __init__(self, cfg, *, attention="full", chunk_size=256, num_chunks=16, offload=False, layout="position",
+                 select="summary"):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
@@ -192,6 +193,7 @@ class Llama(nn.Module):
         # changes for contexts the model was trained on
         self.chunk_size, self.offload = chunk_size, offload  # offload: LongHeads' keys and values in CPU memory
         self.layout = layout  # the order of the picked chunks (longheads.select_chunks)
+        self.select = select  # how candidate chunks are scored (longheads.candidate_scores)
         self.num_chunks = num_chunks or max(3, cfg.max_position_embeddings // chunk_size)
         self.model = Body(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -206,7 +208,7 @@ class Llama(nn.Module):
             seen = min(max_len, self.chunk_size * self.num_chunks)
             make = lambda: LongHeadsCache(*shape, chunk_size=self.chunk_size, num_chunks=self.num_chunks,
                                           rope=cfg.inv_freq(seen), dtype=dtype, device=device, offload=self.offload,
-                                          layout=self.layout)
+                                          layout=self.layout, select=self.select)
         return nn.ModuleList(make() for _ in range(cfg.num_hidden_layers))
 
     def hidden(self, input_ids, caches):
@@ -239,14 +241,14 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, *, device="cpu", dtype=None, attention="full", chunk_size=256,
-                        num_chunks=16, offload=False, layout="position"):
+                        num_chunks=16, offload=False, layout="position", select="summary"):
         """Load a Hugging Face Llama checkpoint directory (config.json + safetensors)."""
         path = Path(path)
         cfg = LlamaConfig.from_dict(read_json(path / "config.json"))
         files = checkpoint_files(path)
         with torch.device("meta"):  # no memory yet: the checkpoint's tensors become the weights
             model = cls(cfg, attention=attention, chunk_size=chunk_size, num_chunks=num_chunks,
-                        offload=offload, layout=layout)
+                        offload=offload, layout=layout, select=select)
         shapes = tensor_shapes(files)
         check_tensors(model, shapes)
         dtype = to_dtype(dtype) if dtype is not None else None

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from longheads import BLOCK_SCORES, LAYOUTS
+from longheads import BLOCK_SCORES, LAYOUTS, SELECTS
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
         "them. I will quiz you about the important information there.")
@@ -41,24 +41,54 @@ class UsageError(Exception):
 
 # ----------------------------------------------------------------------------- the prompt
 
-def prompt_parts(tok, length, depth, key):
-    """The prompt of `length` tokens with the key line after `depth` of the filler, in two parts:
-    (the task and the filler before the key line, the rest). The first part does not depend on
-    the key, and the one of a smaller depth is a prefix of it: trials can share its prefill."""
+def prompt_parts(tok, length, depth, key, haystack="filler"):
+    """The prompt of `length` tokens with the key line after `depth` of the haystack, in two
+    parts: (the task and the haystack before the key line, the rest). The first part does not
+    depend on the key, and the one of a smaller depth is a prefix of it: trials can share its
+    prefill. The key line goes between whole filler sentences, or at a line break of the book."""
     head = tok.encode(TASK) + tok.continuation("\n")  # with BOS where the model's tokenizer adds one
-    filler, key_ids, question = (tok.continuation(s) for s in (FILLER, KEY_LINE.format(key=key), QUESTION))
-    room = length - len(head) - len(key_ids) - len(question)  # tokens of filler
+    key_ids, question = (tok.continuation(s) for s in (KEY_LINE.format(key=key), QUESTION))
+    room = length - len(head) - len(key_ids) - len(question)  # tokens of haystack
     if room < 0:
         raise UsageError(f"--len {length} is shorter than the prompt's fixed parts "
                          f"({length - room} tokens): use a larger length")
-    cycle = filler * (room // len(filler) + 1)  # the filler repeated, cut to `room` tokens below
-    before = min(round(depth * room / len(filler)), room // len(filler)) * len(filler)  # whole sentences
-    return head + cycle[:before], key_ids + cycle[before:room] + question
+    hay, cut = haystack_tokens(tok, haystack, room)
+    before = cut(depth * room)
+    return head + hay[:before], key_ids + hay[before:room] + question
 
 
-def build_prompt(tok, length, depth, key):
-    """Token ids of exactly `length` tokens with the key line after `depth` of the filler."""
-    shared, rest = prompt_parts(tok, length, depth, key)
+def haystack_tokens(tok, haystack, room):
+    """At least `room` tokens of the haystack, and where a key line may go: cut(i) is the last
+    allowed place <= i (always one at 0)."""
+    if haystack == "filler":
+        filler = tok.continuation(FILLER)
+        whole = room // len(filler)  # the key line never sits in the cut-off last sentence
+        return filler * (whole + 1), lambda i: min(round(i / len(filler)), whole) * len(filler)
+    ids = book_tokens(tok, room)
+    line_break = lambda j: j == 0 or tok.decode(ids[j - 1:j]).endswith("\n")  # after a line
+    return ids, lambda i: next(j for j in range(round(i), -1, -1) if line_break(j))
+
+
+_BOOK_TOKENS = {}
+
+
+def book_tokens(tok, room):
+    """The first `room` (or more) tokens of the book, tokenized as one text."""
+    from book import book_text
+    ids = _BOOK_TOKENS.get(id(tok), [])
+    if len(ids) < room:
+        text = book_text()
+        chars = 6 * room  # about four characters a token in English prose: a margin
+        ids = tok.continuation(text[:chars])
+        if len(ids) < room:
+            raise UsageError(f"the book has fewer than {room} tokens: use a shorter --len")
+        _BOOK_TOKENS[id(tok)] = ids
+    return ids
+
+
+def build_prompt(tok, length, depth, key, haystack="filler"):
+    """Token ids of exactly `length` tokens with the key line after `depth` of the haystack."""
+    shared, rest = prompt_parts(tok, length, depth, key, haystack)
     return shared + rest
 
 
@@ -82,7 +112,7 @@ def first_integer(text):
 # ----------------------------------------------------------------------------- one trial
 
 @torch.no_grad()
-def run_trials(model, tok, length, trials, device):
+def run_trials(model, tok, length, trials, device, haystack="filler"):
     """Greedy answers to prompts of one length. trials: (depth, key) pairs, run in order of
     depth; yields (depth, key, generated text, seconds) for each.
 
@@ -94,7 +124,7 @@ def run_trials(model, tok, length, trials, device):
     shared_caches = model.new_caches(1, length + NEW_TOKENS)
     caches = model.new_caches(1, length + NEW_TOKENS)
     for depth, key in sorted(trials, key=lambda trial: trial[0]):
-        shared, rest = prompt_parts(tok, length, depth, key)
+        shared, rest = prompt_parts(tok, length, depth, key, haystack)
         start = time.perf_counter()
         with prefill_progress(model, f"{length} tokens"):
             if len(shared) > shared_caches[0].length:
@@ -209,7 +239,8 @@ def load(args):
     path = Path(args.model) if args.model else default_model()
     dtype = torch.bfloat16 if args.dtype is None and args.device.startswith("cuda") else getattr(torch, args.dtype or "float32")
     model = Llama.from_pretrained(path, device=args.device, dtype=dtype, chunk_size=args.chunk_size,
-                                  num_chunks=args.num_chunks, offload=args.offload, layout=args.layout)
+                                  num_chunks=args.num_chunks, offload=args.offload, layout=args.layout,
+                                  select=args.select)
     tok = Tokenizer(path)
     check_model(model, tok, args)
     check_memory(model, args, dtype)
@@ -223,7 +254,7 @@ def check_model(model, tok, args):
         raise UsageError(f"--chunk-size x --num-chunks = {budget} exceeds the model's trained "
                          f"length {trained}: LongHeads would show it distances it never saw")
     for length in args.len:
-        build_prompt(tok, length, 0.0, 10000)  # too short raises here, before any trial runs
+        build_prompt(tok, length, 0.0, 10000, args.haystack)  # too short raises here, before any trial
 
 
 def run_diagnosis(args):
@@ -232,26 +263,27 @@ def run_diagnosis(args):
     model, tok, dtype = load(args)
     length, depth, short = args.len[0], args.depths[0], model.config.max_position_embeddings // 2
     key = trial_key(args.seed, length, depth, 0)
-    prompts = [build_prompt(tok, n, depth, key) for n in (length, short)]
+    prompts = [build_prompt(tok, n, depth, key, args.haystack) for n in (length, short)]
     tensors = [torch.tensor([p], device=args.device) for p in prompts]
     print(f"key {key} at depth {depth}; LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks} "
-          f"layout={model.layout}")
+          f"layout={model.layout} select={model.select}, {args.haystack}")
     diagnose(model, tok, tensors[0], key_digits(tok, prompts[0], key), tensors[1], key_digits(tok, prompts[1], key))
 
 
 def sweep(args):
     model, tok, dtype = load(args)
     print(f"model {args.model or 'SmolLM2-135M-Instruct'} (trained at {model.config.max_position_embeddings}), "
-          f"LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks} layout={model.layout}, {args.device} {str(dtype)[6:]}")
+          f"LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks} layout={model.layout} "
+          f"select={model.select}, haystack {args.haystack}, {args.device} {str(dtype)[6:]}")
     print(f"{'length':>7} {'depth':>5}  {'attention':<9}  {'key':>5}  {'output':<24} {'ok':<3} {'seconds':>7}")
     records = []
     for length in args.len:
         trials = [(depth, trial_key(args.seed, length, depth, t)) for depth in args.depths for t in range(args.trials)]
         for attention in attentions(args):
             model.attention = attention
-            for depth, key, output, seconds in run_trials(model, tok, length, trials, args.device):
+            for depth, key, output, seconds in run_trials(model, tok, length, trials, args.device, args.haystack):
                 correct = first_integer(output) == key
-                records.append(dict(length=length, depth=depth, attention=attention, key=key,
+                records.append(dict(length=length, depth=depth, attention=attention, haystack=args.haystack, key=key,
                                     output=output, correct=correct, seconds=round(seconds, 2)))
                 print(f"{length:>7} {depth:>5.2f}  {attention:<9}  {key:>5}  {output[:24]!r:<24} "
                       f"{'yes' if correct else 'no':<3} {seconds:>7.1f}", flush=True)
@@ -322,6 +354,11 @@ def parse_args(argv=None):
     p.add_argument("--num-chunks", type=int, help="chunks per head (default: trained length / chunk size)")
     p.add_argument("--layout", choices=LAYOUTS, default="position",
                    help="order of a head's picked chunks: the paper's (position) or best nearest the query (score)")
+    p.add_argument("--select", choices=SELECTS, default="summary",
+                   help="how a head scores candidate chunks: summary key (the paper's), its best "
+                   "single key (maxkey), or recency (recent: a sliding window with chunk 0)")
+    p.add_argument("--haystack", choices=["filler", "book"], default="filler",
+                   help="what the key hides in: the repeated filler (the paper's test) or War and Peace")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import longheads
-from longheads import (LongHeadsCache, apply_rope, causal_attention, longheads_attention,
-                       longheads_reference, LAYOUTS, pack, reference_selection, rope_cos_sin, rope_inv_freq,
-                       select_chunks)
+from longheads import (LAYOUTS, SELECTS, LongHeadsCache, apply_rope, causal_attention,
+                       longheads_attention, longheads_reference, pack, reference_score,
+                       reference_selection, rope_cos_sin, rope_inv_freq, rope_table, select_chunks)
 
 PROPERTY = settings(max_examples=int(os.environ.get("LONGHEADS_EXAMPLES", 200)), deadline=None)
 
@@ -39,8 +39,8 @@ def problems(draw, budget):
     q = torch.randn(B, Hkv * G, T, D, generator=gen, dtype=torch.float64)
     k = torch.randn(B, Hkv, T, D, generator=gen, dtype=torch.float64)
     v = torch.randn(B, Hkv, T, D, generator=gen, dtype=torch.float64)
-    layout = draw(st.sampled_from(LAYOUTS))
-    return q, k, v, dict(chunk_size=w, num_chunks=K, rope_theta=theta, layout=layout)
+    layout, select = draw(st.sampled_from(LAYOUTS)), draw(st.sampled_from(SELECTS))
+    return q, k, v, dict(chunk_size=w, num_chunks=K, rope_theta=theta, layout=layout, select=select)
 
 
 def causal_rope_attention(q, k, v, rope_theta):
@@ -57,6 +57,35 @@ def causal_rope_attention(q, k, v, rope_theta):
 def test_every_chunk_selected_is_causal_attention(problem):
     q, k, v, opts = problem
     expected = causal_rope_attention(q, k, v, opts["rope_theta"])
+    torch.testing.assert_close(longheads_attention(q, k, v, **opts), expected)
+
+
+def window_definition(q, k, v, w, K, theta):
+    """Sliding-window attention with chunk 0 kept, by masking ordinary attention query by query:
+    query t in chunk g reads chunk 0 and its last K - 1 chunks (all of them while g < K); the
+    window is shifted down to start at position w, right after chunk 0."""
+    H, T, D = q.shape[1], q.shape[2], q.shape[3]
+    k, v = (x.repeat_interleave(H // k.shape[1], dim=1) for x in (k, v))  # (B, H, T, D)
+    inv_freq, out = rope_inv_freq(D, theta), torch.empty_like(q)
+    for t in range(T):
+        shift = max(0, t // w - K + 1) * w
+        u = torch.arange(t + 1)
+        keep = (u < w) | (u >= shift + w)  # chunk 0, and the window
+        pos = torch.where(u < w, u, u - shift)[keep]
+        kr = apply_rope(k[:, :, u[keep]], *rope_cos_sin(inv_freq, pos, q.dtype))  # (B, H, n, D)
+        qr = apply_rope(q[:, :, t], *rope_cos_sin(inv_freq, torch.tensor([t - shift]), q.dtype))
+        att = torch.softmax((kr @ qr[..., None]).squeeze(-1) / D**0.5, dim=-1)  # (B, H, n)
+        out[:, :, t] = (att[..., None] * v[:, :, u[keep]]).sum(-2)
+    return out
+
+
+@PROPERTY
+@given(problems("small"))
+def test_recent_selection_is_the_masked_sliding_window(problem):
+    """select="recent", layout "position": chunk 0 plus a window of the newest K - 1 chunks."""
+    q, k, v, opts = problem
+    opts.update(select="recent", layout="position")
+    expected = window_definition(q, k, v, opts["chunk_size"], opts["num_chunks"], opts["rope_theta"])
     torch.testing.assert_close(longheads_attention(q, k, v, **opts), expected)
 
 
@@ -110,7 +139,10 @@ def test_selections_obey_the_rule(problem):
     cache(q, k, v)  # fills keys and summaries
     summaries = cache.summaries.flatten(1, 2)  # (B, H, n, D)
     t = torch.arange(K * w, T)  # every query past the first K chunks
-    ids = select_chunks(q[:, :, K * w:], summaries[:, :, :(T - 1) // w - 1], t // w, K, opts["layout"])  # (B, H, b, K)
+    qg = q[:, :, K * w:].unflatten(1, (k.shape[1], -1))  # (B, Hkv, G, b, D)
+    scores = cache.scores(qg, (T - 1) // w - 1).flatten(1, 2)  # (B, H, b, n - 1)
+    ids = select_chunks(scores, t // w, K, opts["layout"])  # (B, H, b, K)
+    cos, sin = rope_table(None, opts["rope_theta"], D, T, q.device, q.dtype)
     for z in range(B):
         for h in range(H):
             for i, g in enumerate((t // w).tolist()):
@@ -118,10 +150,12 @@ def test_selections_obey_the_rule(problem):
                 assert len(set(chunks)) == K and max(chunks) == g  # unique, no future
                 assert chunks[0] == 0 and chunks[-2:] == [g - 1, g]
                 picked = chunks[1:-2]
-                scores = (q[z, h, K * w + i] @ summaries[z, h, picked].T).tolist()
-                order = picked if opts["layout"] == "position" else scores  # original order, or rising score
-                assert order == sorted(order)
-                assert chunks == reference_selection(q[z, h, K * w + i], summaries[z, h], g, K, opts["layout"])
+                kh, qt = k[z, h // (H // k.shape[1])], q[z, h, K * w + i]
+                score = {j: reference_score(qt, j, summaries[z, h], kh, w, cos, sin, opts["select"])
+                         for j in range(1, g - 1)}
+                order = picked if opts["layout"] == "position" else [score[j] for j in picked]
+                assert order == sorted(order)  # original order, or rising score
+                assert chunks == reference_selection(score, g, K, opts["layout"])
 
 
 @given(st.lists(st.integers(0, 9), min_size=1, max_size=300), st.integers(1, 8))
