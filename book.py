@@ -34,6 +34,21 @@ def book_text():
     return book_path().read_text(encoding="utf-8")
 
 
+_TOKENS = {}  # tokenizer -> the longest prefix of the book tokenized so far
+
+
+def book_tokens(tok, count):
+    """At least the first `count` tokens of the book, tokenized as one text (no BOS)."""
+    ids = _TOKENS.get(id(tok), [])
+    if len(ids) < count:
+        text = book_text()
+        ids = tok.continuation(text[:6 * count])  # ~4 characters a token in English: a margin
+        if len(ids) < count:
+            raise ValueError(f"the book has fewer than {count} tokens: use a shorter length")
+        _TOKENS[id(tok)] = ids
+    return ids
+
+
 def checked(raw):
     """big.txt's bytes as text, if they are exactly the file we expect."""
     digest = hashlib.sha256(raw).hexdigest()

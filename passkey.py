@@ -64,26 +64,10 @@ def haystack_tokens(tok, haystack, room):
         filler = tok.continuation(FILLER)
         whole = room // len(filler)  # the key line never sits in the cut-off last sentence
         return filler * (whole + 1), lambda i: min(round(i / len(filler)), whole) * len(filler)
+    from book import book_tokens
     ids = book_tokens(tok, room)
     line_break = lambda j: j == 0 or tok.decode(ids[j - 1:j]).endswith("\n")  # after a line
     return ids, lambda i: next(j for j in range(round(i), -1, -1) if line_break(j))
-
-
-_BOOK_TOKENS = {}
-
-
-def book_tokens(tok, room):
-    """The first `room` (or more) tokens of the book, tokenized as one text."""
-    from book import book_text
-    ids = _BOOK_TOKENS.get(id(tok), [])
-    if len(ids) < room:
-        text = book_text()
-        chars = 6 * room  # about four characters a token in English prose: a margin
-        ids = tok.continuation(text[:chars])
-        if len(ids) < room:
-            raise UsageError(f"the book has fewer than {room} tokens: use a shorter --len")
-        _BOOK_TOKENS[id(tok)] = ids
-    return ids
 
 
 def build_prompt(tok, length, depth, key, haystack="filler"):
@@ -195,9 +179,15 @@ def check_args(args):
     for d in args.depths:
         if not 0.0 <= d <= 1.0:
             raise UsageError(f"--depths must lie in [0, 1], got {d}")
-    for name in ("trials", "chunk_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.trials < 1:
+        raise UsageError(f"--trials must be >= 1, got {args.trials}")
+    check_model_args(args)
+
+
+def check_model_args(args):
+    """The arguments passkey.py and perplexity.py share: model, device, LongHeads, lengths."""
+    if args.chunk_size < 1:
+        raise UsageError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     if args.num_chunks is not None and args.num_chunks < 3:
         raise UsageError(f"--num-chunks must be >= 3, got {args.num_chunks}")
     if min(args.len) < 1:
@@ -212,9 +202,10 @@ def check_args(args):
                          f"checkpoint directory")
 
 
-def check_memory(model, args, dtype):
+def check_memory(model, args, kinds, dtype):
+    """Each of the attention kinds fits at the longest --len, or a UsageError says what to do."""
     device, host = torch.device(args.device), torch.device("cpu")
-    for attention in attentions(args):
+    for attention in kinds:
         needs = bytes_needed(model.config, max(args.len), attention, dtype, args.offload)
         for where, need in zip([device, host], needs):
             free = bytes_free(where)
@@ -233,6 +224,14 @@ def attentions(args):
 
 def load(args):
     """The model and tokenizer of --model (or the default), checked against the arguments."""
+    model, tok, dtype = load_model(args)
+    check_model(model, tok, args)
+    check_memory(model, args, attentions(args), dtype)
+    return model, tok, dtype
+
+
+def load_model(args):
+    """The model of --model (or the default) with the LongHeads options of args, its tokenizer."""
     from convert import default_model
     from model import Llama
     from tokenizer import Tokenizer
@@ -241,20 +240,22 @@ def load(args):
     model = Llama.from_pretrained(path, device=args.device, dtype=dtype, chunk_size=args.chunk_size,
                                   num_chunks=args.num_chunks, offload=args.offload, layout=args.layout,
                                   select=args.select)
-    tok = Tokenizer(path)
-    check_model(model, tok, args)
-    check_memory(model, args, dtype)
-    return model, tok, dtype
+    return model, Tokenizer(path), dtype
 
 
 def check_model(model, tok, args):
     """What can only be checked once the model is known: the budget and the lengths."""
-    budget, trained = model.chunk_size * model.num_chunks, model.config.max_position_embeddings
-    if args.attention != "full" and budget > trained:
-        raise UsageError(f"--chunk-size x --num-chunks = {budget} exceeds the model's trained "
-                         f"length {trained}: LongHeads would show it distances it never saw")
+    if args.attention != "full":
+        check_budget(model)
     for length in args.len:
         build_prompt(tok, length, 0.0, 10000, args.haystack)  # too short raises here, before any trial
+
+
+def check_budget(model):
+    budget, trained = model.chunk_size * model.num_chunks, model.config.max_position_embeddings
+    if budget > trained:
+        raise UsageError(f"--chunk-size x --num-chunks = {budget} exceeds the model's trained "
+                         f"length {trained}: LongHeads would show it distances it never saw")
 
 
 def run_diagnosis(args):
