@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from longheads import longheads_attention
+from longheads import CHUNK_SIZE, SELECT, SELECTS, longheads_attention
 from model import Llama, LlamaConfig
 
 SHAPES = {  # random-weight Llamas with the cost of real ones
@@ -51,7 +51,7 @@ def load(args, mode):
     path = CACHE / "SmolLM2-135M-Instruct"
     dtype = getattr(torch, args.dtype)
     opts = dict(attention="full" if mode == "full" else "longheads", chunk_size=args.chunk_size,
-                num_chunks=args.num_chunks, offload=mode == "offload")
+                num_chunks=args.num_chunks, offload=mode == "offload", select=args.select)
     if args.shape is None and (path / "config.json").is_file():
         return Llama.from_pretrained(path, device=args.device, dtype=dtype, **opts), path
     with torch.device("meta"):
@@ -178,9 +178,10 @@ def child(args, kind, attention, length):
 
 
 def passthrough(args):
-    out = ["--device", args.device, "--dtype", args.dtype, "--repeat", str(args.repeat), "--chunk-size", str(args.chunk_size),
-           "--num-chunks", str(args.num_chunks), "--attn-chunk-size", str(args.attn_chunk_size),
-           "--attn-num-chunks", str(args.attn_num_chunks)]
+    out = ["--device", args.device, "--dtype", args.dtype, "--repeat", str(args.repeat),
+           "--chunk-size", str(args.chunk_size), "--select", args.select,
+           "--attn-chunk-size", str(args.attn_chunk_size), "--attn-num-chunks", str(args.attn_num_chunks)]
+    out += ["--num-chunks", str(args.num_chunks)] if args.num_chunks else []
     return out + (["--shape", args.shape] if args.shape else [])
 
 
@@ -249,8 +250,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--chunk-size", type=int, default=128, help="LongHeads chunk size in the model")
-    p.add_argument("--num-chunks", type=int, default=16, help="LongHeads chunks per head in the model")
+    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="LongHeads chunk size in the model")
+    p.add_argument("--num-chunks", type=int, help="LongHeads chunks per head in the model (default: "
+                   "the project's, trained length / chunk size)")
+    p.add_argument("--select", choices=SELECTS, default=SELECT, help="LongHeads' scoring rule in the model")
     p.add_argument("--attn-chunk-size", type=int, default=128, help="chunk size for attention alone")
     p.add_argument("--attn-num-chunks", type=int, default=16, help="chunks per head for attention alone")
     p.add_argument("--offload", action="store_true", help="also LongHeads with its keys and values in pinned CPU memory (CUDA)")

@@ -35,6 +35,17 @@ MASK_BLOCK = 1024  # queries per masked SDPA call after a cached prefix (it also
 LAYOUTS = ("position", "score")  # the order of the picked chunks: the paper's, or best nearest (§3)
 SELECTS = ("summary", "maxkey", "recent")  # how candidates are scored: the paper's, or variants (§2)
 
+# The defaults, the same in every entry point (the study in RESULTS.md chose them): chunks of 256
+# tokens, as many as the trained length holds (the paper's budget: nothing changes inside it).
+CHUNK_SIZE = 256
+SELECT = "summary"
+LAYOUT = "position"
+
+
+def default_num_chunks(trained_length, chunk_size=CHUNK_SIZE):
+    """The paper's rule: as many chunks as the trained length holds, K * w <= L (at least 3)."""
+    return max(3, trained_length // chunk_size)
+
 
 # ----------------------------------------------------------------------------- RoPE
 
@@ -145,7 +156,10 @@ def select_chunks(scores, chunks, num_chunks, layout="position"):
     ordinary causal attention.)
     """
     future = torch.arange(1, scores.shape[-1] + 1, device=scores.device) >= chunks[:, None] - 1  # (b, n - 1)
-    top = scores.masked_fill(future, float("-inf")).topk(num_chunks - 3, dim=-1).indices + 1  # best first
+    # why a stable sort, not topk: equal scores are common (repeated text, or one token's key
+    # in two chunks), and the earlier chunk must win every time, as in the reference
+    ranked = scores.masked_fill(future, float("-inf")).sort(dim=-1, descending=True, stable=True)
+    top = ranked.indices[..., :num_chunks - 3] + 1  # (..., b, num_chunks - 3), best first
     top = top.sort(dim=-1).values if layout == "position" else top.flip(-1)
     chunks = chunks[:, None].expand(*top.shape[:-1], 1)  # (..., b, 1)
     return torch.cat([torch.zeros_like(chunks), top, chunks - 1, chunks], dim=-1)
@@ -163,9 +177,9 @@ class LongHeadsCache(torch.nn.Module):
     position goes into the query instead (§3), so stored keys never need re-rotating.
     """
 
-    def __init__(self, batch, num_heads, num_kv_heads, max_len, head_dim, *, chunk_size=256,
-                 num_chunks=16, rope=None, rope_theta=10000.0, block_size=None, dtype=torch.float32,
-                 device=None, offload=False, layout="position", select="summary"):
+    def __init__(self, batch, num_heads, num_kv_heads, max_len, head_dim, *, num_chunks,
+                 chunk_size=CHUNK_SIZE, rope=None, rope_theta=10000.0, block_size=None,
+                 dtype=torch.float32, device=None, offload=False, layout=LAYOUT, select=SELECT):
         super().__init__()
         check_config(num_heads, num_kv_heads, chunk_size, num_chunks, block_size, layout, select)
         if offload and torch.device(device or "cpu").type != "cuda":
@@ -354,11 +368,12 @@ def pack(key, size, num_keys):
 
 # ----------------------------------------------------------------------------- the function to copy
 
-def longheads_attention(q, k, v, *, chunk_size=256, num_chunks=16, rope_theta=10000.0, rope=None,
-                        block_size=None, layout="position", select="summary"):
+def longheads_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_theta=10000.0,
+                        rope=None, block_size=None, layout=LAYOUT, select=SELECT):
     """Causal LongHeads attention over a whole sequence.
 
     q: (B, H, T, D), k and v: (B, Hkv, T, D), all before RoPE; H a multiple of Hkv (GQA).
+    num_chunks: K, chunks per head; the default rule is default_num_chunks(trained length).
     rope: None (RoPE with base rope_theta), inverse frequencies (D/2,), or a (cos, sin) pair of
     (P, D) tables, for scaled RoPE. block_size: queries per block (default: at most chunk_size,
     and about BLOCK_SCORES scores); it bounds the working memory. layout: the order of the
@@ -419,8 +434,8 @@ def check_inputs(q, k, v, cache=None):
 
 # ----------------------------------------------------------------------------- the slow reference
 
-def longheads_reference(q, k, v, *, chunk_size=256, num_chunks=16, rope_theta=10000.0, rope=None,
-                        layout="position", select="summary"):
+def longheads_reference(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_theta=10000.0,
+                        rope=None, layout=LAYOUT, select=SELECT):
     """The definition, one query at a time: select chunks, lay them out, rotate, attend.
 
     Written straight from DESIGN §1-§3, with nothing shared with the fast path but the RoPE

@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-from longheads import LongHeadsCache, apply_rope, causal_attention, rope_cos_sin, rope_inv_freq
+from longheads import (CHUNK_SIZE, LAYOUT, SELECT, LongHeadsCache, apply_rope, causal_attention,
+                       default_num_chunks, rope_cos_sin, rope_inv_freq)
 
 ROPE_TYPES = ("default", "linear", "dynamic")
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -183,18 +184,18 @@ class Body(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg, *, attention="full", chunk_size=256, num_chunks=16, offload=False, layout="position",
-                 select="summary"):
+    def __init__(self, cfg, *, attention="full", chunk_size=CHUNK_SIZE, num_chunks=None, offload=False,
+                 layout=LAYOUT, select=SELECT):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
         self.config, self.attention = cfg, attention
-        # num_chunks=None is the paper's rule: a budget of the trained length, so that nothing
-        # changes for contexts the model was trained on
         self.chunk_size, self.offload = chunk_size, offload  # offload: LongHeads' keys and values in CPU memory
         self.layout = layout  # the order of the picked chunks (longheads.select_chunks)
         self.select = select  # how candidate chunks are scored (longheads.candidate_scores)
-        self.num_chunks = num_chunks or max(3, cfg.max_position_embeddings // chunk_size)
+        # num_chunks=None is the paper's rule: a budget of the trained length, so that nothing
+        # changes for contexts the model was trained on
+        self.num_chunks = num_chunks or default_num_chunks(cfg.max_position_embeddings, chunk_size)
         self.model = Body(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
@@ -240,8 +241,9 @@ class Llama(nn.Module):
         return tokens
 
     @classmethod
-    def from_pretrained(cls, path, *, device="cpu", dtype=None, attention="full", chunk_size=256,
-                        num_chunks=16, offload=False, layout="position", select="summary"):
+    def from_pretrained(cls, path, *, device="cpu", dtype=None, attention="full",
+                        chunk_size=CHUNK_SIZE, num_chunks=None, offload=False, layout=LAYOUT,
+                        select=SELECT):
         """Load a Hugging Face Llama checkpoint directory (config.json + safetensors)."""
         path = Path(path)
         cfg = LlamaConfig.from_dict(read_json(path / "config.json"))

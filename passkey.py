@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from longheads import BLOCK_SCORES, LAYOUTS, SELECTS
+from longheads import BLOCK_SCORES, CHUNK_SIZE, LAYOUT, LAYOUTS, SELECT, SELECTS
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
         "them. I will quiz you about the important information there.")
@@ -351,11 +351,11 @@ def parse_args(argv=None):
     p.add_argument("--trials", type=int, default=1, help="keys per (length, depth)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention", choices=["longheads", "full", "both"], default="longheads")
-    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
     p.add_argument("--num-chunks", type=int, help="chunks per head (default: trained length / chunk size)")
-    p.add_argument("--layout", choices=LAYOUTS, default="position",
+    p.add_argument("--layout", choices=LAYOUTS, default=LAYOUT,
                    help="order of a head's picked chunks: the paper's (position) or best nearest the query (score)")
-    p.add_argument("--select", choices=SELECTS, default="summary",
+    p.add_argument("--select", choices=SELECTS, default=SELECT,
                    help="how a head scores candidate chunks: summary key (the paper's), its best "
                    "single key (maxkey), or recency (recent: a sliding window with chunk 0)")
     p.add_argument("--haystack", choices=["filler", "book"], default="filler",

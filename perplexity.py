@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import passkey
-from longheads import LAYOUTS, SELECTS
+from longheads import CHUNK_SIZE, LAYOUT, LAYOUTS, SELECT, SELECTS
 
 ATTENTIONS = ("full", "longheads", "window")
 LOGIT_BLOCK = 1024  # positions per output-layer call: (1024, vocab) logits at a time
@@ -150,10 +150,10 @@ def parse_args(argv=None):
     p.add_argument("--len", type=int, nargs="+", default=[16384], help="tokens per prefill")
     p.add_argument("--docs", type=int, default=1, help="documents (consecutive stretches of the book)")
     p.add_argument("--attention", nargs="+", choices=ATTENTIONS, default=["full", "longheads"])
-    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
     p.add_argument("--num-chunks", type=int, help="chunks per head (default: trained length / chunk size)")
-    p.add_argument("--layout", choices=LAYOUTS, default="position")
-    p.add_argument("--select", choices=SELECTS, default="summary", help="LongHeads' scoring rule")
+    p.add_argument("--layout", choices=LAYOUTS, default=LAYOUT)
+    p.add_argument("--select", choices=SELECTS, default=SELECT, help="LongHeads' scoring rule")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
