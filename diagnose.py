@@ -5,8 +5,8 @@
 One prompt, one prefill. The final query is the one whose next token is the answer. For it, in
 every layer, over the query heads:
   picked   how many heads' selections hold a chunk of the key line
-  rank     the key chunk's rank among the candidates by summary score (1 = best; median over
-           heads; "-" when the key sits in a chunk every query reads anyway)
+  rank     the key chunk's rank among the candidates by their score (the select rule; 1 = best,
+           median over heads; "-" when the key sits in a chunk every query reads anyway)
   mass     the attention the final query puts on the key's digits (mean and best head)
 the chunks that fill the scored slots most often over all layers and heads (are the winners
 the same few filler chunks everywhere?), and the model's top-5 next tokens. Then the same for
@@ -94,9 +94,14 @@ def selection(cache, q, t):
     g = t // cache.w
     if g < cache.K:
         return torch.arange(g + 1, device=q.device).expand(q.shape[0], g + 1)
+    g = torch.tensor([g], device=q.device)
+    return select_chunks(candidate_scores(cache, q, t), g, cache.K, cache.layout, cache.local_chunks)[:, 0]
+
+
+def candidate_scores(cache, q, t):
+    """The scores (H, 1, g - 2) of candidates 1..g-2 for query t, q (H, D), as the cache scores."""
     qg = q.view(1, -1, cache.groups, 1, q.shape[-1])  # (1, Hkv, G, 1, D), as the cache groups heads
-    scores = cache.scores(qg, g - 1).flatten(0, 2)  # (H, 1, g - 2)
-    return select_chunks(scores, torch.tensor([g], device=q.device), cache.K, cache.layout)[:, 0]
+    return cache.scores(qg, t // cache.w - 1).flatten(0, 2)
 
 
 def key_chunk_rank(cache, q, t, key_tokens):
@@ -106,10 +111,10 @@ def key_chunk_rank(cache, q, t, key_tokens):
     w, g = cache.w, t // cache.w
     key_chunks = sorted({u // w for u in key_tokens})
     picked = torch.isin(selection(cache, q, t), torch.tensor(key_chunks, device=q.device)).any(-1)
-    candidates = [c for c in key_chunks if 1 <= c <= g - 2]
+    candidates = [c for c in key_chunks if 1 <= c <= g - cache.local_chunks]
     if g < cache.K or len(candidates) < len(key_chunks):
-        return f"{int(picked.sum())}/{len(picked)}", "-"  # read anyway: the first K chunks, 0, g-1
-    scores = (q[:, None].float() @ cache.summaries[0, :, :, 1:g - 1].flatten(0, 1).transpose(1, 2)).squeeze(1)  # (H, g - 2)
+        return f"{int(picked.sum())}/{len(picked)}", "-"  # read anyway: the first K, 0, the newest
+    scores = candidate_scores(cache, q, t).squeeze(1)  # (H, g - 2)
     best = scores[:, [c - 1 for c in candidates]].max(-1).values  # (H,)
     rank = 1 + (scores > best[:, None]).sum(-1)
     return f"{int(picked.sum())}/{len(picked)}", int(rank.float().median())

@@ -12,9 +12,10 @@ This file is the whole method (the specification is DESIGN.md; its sections are 
   - RoPE helpers (Hugging Face "rotate-half" layout)
   - chunk_summaries    §1  one summary key per complete chunk and query head
   - candidate_scores   §2  how well each chunk suits a query (select="summary", the paper's;
-                             "maxkey", a chunk's best key; "recent", the sliding-window baseline)
-  - select_chunks      §2  which chunks a query attends to, and their order (layout="position",
-                             the paper's; "score", a variant: the best candidate nearest the query)
+                             or "maxkey", a chunk's best single key)
+  - select_chunks      §2  which chunks a query attends to (chunk 0, the best candidates, the
+                             local_chunks newest), and their order (layout="position", the
+                             paper's; "score", a variant: the best candidate nearest the query)
   - LongHeadsCache     §3-§4  keys, values and summaries; prefill and decoding are one code path
   - longheads_attention      the function to copy into a model (a cache used once)
   - longheads_reference      a slow per-query loop written straight from the specification
@@ -33,13 +34,14 @@ BLOCK_SCORES = 2**24  # default query block: about this many (query, key) scores
 TILE = 64  # (query, chunk) pairs that share one read of a chunk's keys
 MASK_BLOCK = 1024  # queries per masked SDPA call after a cached prefix (it also computes masked scores)
 LAYOUTS = ("position", "score")  # the order of the picked chunks: the paper's, or best nearest (§3)
-SELECTS = ("summary", "maxkey", "recent")  # how candidates are scored: the paper's, or variants (§2)
+SELECTS = ("summary", "maxkey")  # how candidates are scored: the paper's, or a variant (§2)
 
 # The defaults, the same in every entry point (the study in RESULTS.md chose them): chunks of 256
 # tokens, as many as the trained length holds (the paper's budget: nothing changes inside it).
 CHUNK_SIZE = 256
 SELECT = "summary"
 LAYOUT = "position"
+LOCAL_CHUNKS = 2  # the own chunk and the one before it are always read (the paper's)
 
 
 def default_num_chunks(trained_length, chunk_size=CHUNK_SIZE):
@@ -129,40 +131,37 @@ def candidate_scores(q, summaries, keys, rope_w, select="summary"):
     q: (B, Hkv, G, b, D) raw queries; summaries: (B, Hkv, G, n, D); keys: (B, Hkv, n * w, D) at
     chunk-local positions (read by "maxkey" only); rope_w: (cos, sin) of position w, each (D,).
     select "summary" (the paper's): the query against the chunk's summary key. "maxkey": the
-    chunk's best single key, the query placed just after the chunk (distances 1..w). "recent":
-    the newest candidates win, a sliding window with chunk 0 kept: the baseline that tells
-    whether scoring earns anything.
+    chunk's best single key, the query placed just after the chunk (distances 1..w).
     """
     n = summaries.shape[-2]
     if select == "summary":
         return q.to(summaries.dtype) @ summaries[..., 1:, :].transpose(-1, -2)  # (B, Hkv, G, b, n - 1)
-    if select == "recent":
-        newer = torch.arange(1, n, dtype=summaries.dtype, device=q.device)  # (n - 1,)
-        return newer.expand(*q.shape[:-1], n - 1)
     qw = apply_rope(q, *rope_w).to(summaries.dtype)  # (B, Hkv, G, b, D)
     k = keys[:, :, None, keys.shape[2] // n:].to(summaries.dtype)  # (B, Hkv, 1, (n - 1) * w, D)
     return (qw @ k.transpose(-1, -2)).unflatten(-1, (n - 1, -1)).amax(-1)  # (B, Hkv, G, b, n - 1)
 
 
-def select_chunks(scores, chunks, num_chunks, layout="position"):
+def select_chunks(scores, chunks, num_chunks, layout=LAYOUT, local_chunks=LOCAL_CHUNKS):
     """§2: the chunks that queries past the first num_chunks chunks attend to, in layout order.
 
-    scores: (..., b, n - 1) of candidates 1..n-1 (candidate_scores); chunks: (b,) the chunk each
-    query sits in, all >= num_chunks, n = max(chunks) - 1. Returns (..., b, num_chunks): chunk 0,
-    the best num_chunks - 3 candidates among chunks 1..g-2, the previous chunk g-1 and the own
-    chunk g. The candidates come in their original order (layout "position", the paper's), or by
-    rising score (layout "score", a variant: the best candidate sits next to the previous chunk,
-    nearest the query). (Queries in the first num_chunks chunks read every chunk, which is
-    ordinary causal attention.)
+    scores: (..., b, n - 1) of candidates 1..n-1 (candidate_scores); chunks: (b,) the chunk g each
+    query sits in, all >= num_chunks, n >= max(chunks) - 1. Returns (..., b, num_chunks): chunk
+    0, the best K' = num_chunks - 1 - local_chunks candidates among chunks 1..g-local_chunks, and
+    the local_chunks newest chunks g-local_chunks+1..g (the paper: 2, the previous and the own
+    chunk; num_chunks - 1: no candidates, a sliding window that keeps chunk 0). The candidates
+    come in their original order (layout "position", the paper's), or by rising score (layout
+    "score", a variant: the best candidate sits next to the newest chunks, nearest the query).
+    (Queries in the first num_chunks chunks read every chunk: ordinary causal attention.)
     """
-    future = torch.arange(1, scores.shape[-1] + 1, device=scores.device) >= chunks[:, None] - 1  # (b, n - 1)
+    future = torch.arange(1, scores.shape[-1] + 1, device=scores.device) > chunks[:, None] - local_chunks  # (b, n - 1)
     # why a stable sort, not topk: equal scores are common (repeated text, or one token's key
     # in two chunks), and the earlier chunk must win every time, as in the reference
     ranked = scores.masked_fill(future, float("-inf")).sort(dim=-1, descending=True, stable=True)
-    top = ranked.indices[..., :num_chunks - 3] + 1  # (..., b, num_chunks - 3), best first
+    top = ranked.indices[..., :num_chunks - 1 - local_chunks] + 1  # (..., b, K'), best first
     top = top.sort(dim=-1).values if layout == "position" else top.flip(-1)
-    chunks = chunks[:, None].expand(*top.shape[:-1], 1)  # (..., b, 1)
-    return torch.cat([torch.zeros_like(chunks), top, chunks - 1, chunks], dim=-1)
+    newest = chunks[:, None] - torch.arange(local_chunks - 1, -1, -1, device=chunks.device)  # (b, local)
+    newest = newest.expand(*top.shape[:-1], local_chunks)  # (..., b, local_chunks)
+    return torch.cat([torch.zeros_like(newest[..., :1]), top, newest], dim=-1)
 
 
 # ----------------------------------------------------------------------------- §3, §4: the cache
@@ -179,16 +178,18 @@ class LongHeadsCache(torch.nn.Module):
 
     def __init__(self, batch, num_heads, num_kv_heads, max_len, head_dim, *, num_chunks,
                  chunk_size=CHUNK_SIZE, rope=None, rope_theta=10000.0, block_size=None,
-                 dtype=torch.float32, device=None, offload=False, layout=LAYOUT, select=SELECT):
+                 dtype=torch.float32, device=None, offload=False, layout=LAYOUT, select=SELECT,
+                 local_chunks=LOCAL_CHUNKS):
         super().__init__()
-        check_config(num_heads, num_kv_heads, chunk_size, num_chunks, block_size, layout, select)
+        check_config(num_heads, num_kv_heads, chunk_size, num_chunks, block_size, layout, select,
+                     local_chunks)
         if offload and torch.device(device or "cpu").type != "cuda":
             raise ValueError("offload keeps keys and values in CPU memory for a CUDA device; "
                              "without a CUDA device there is nothing to offload: drop offload")
         # offload: keys and values live in pinned CPU memory; only what a block reads moves over
         store = dict(device="cpu", pin_memory=True) if offload else dict(device=device)
         self.w, self.K, self.groups, self.layout = chunk_size, num_chunks, num_heads // num_kv_heads, layout
-        self.select = select
+        self.select, self.local_chunks = select, local_chunks
         # a block's working memory: its (query, key) scores, and its own-chunk window of b x (b + w)
         self.block_size = block_size or max(1, min(chunk_size, BLOCK_SCORES // (batch * num_heads * num_chunks * chunk_size)))
         self.max_len, self.length, self.scratch = max_len, 0, {}
@@ -288,7 +289,7 @@ class LongHeadsCache(torch.nn.Module):
         B, Hkv, G, b, D = q.shape
         w, K, dev = self.w, self.K, q.device
         t = torch.arange(s, e, device=dev)
-        ids = select_chunks(self.scores(q, (e - 1) // w - 1), t // w, K, self.layout)  # (B, Hkv, G, b, K)
+        ids = select_chunks(self.scores(q, (e - 1) // w - 1), t // w, K, self.layout, self.local_chunks)  # (B, Hkv, G, b, K)
         # §3: rank r is read from (K - 1 - r) * w + o, whichever chunk it is: the query moves
         pos = (K - 1 - torch.arange(K, device=dev)) * w + t[:, None] % w  # (b, K)
         qr = apply_rope(q[..., None, :], self.cos[pos], self.sin[pos]) / math.sqrt(D)  # (B, Hkv, G, b, K, D)
@@ -309,6 +310,8 @@ class LongHeadsCache(torch.nn.Module):
 
     def scores(self, q, n):
         """candidate_scores of chunks 1..n-1 for raw queries q (B, Hkv, G, b, D)."""
+        if self.local_chunks == self.K - 1:  # a window: no candidates to score
+            return q.new_zeros(*q.shape[:-1], n - 1)
         keys = self.k[:, :, :n * self.w].to(q.device) if self.select == "maxkey" else None
         rope_w = self.cos[self.w], self.sin[self.w]
         return candidate_scores(q, self.summaries[:, :, :, :n], keys, rope_w, self.select)
@@ -369,7 +372,8 @@ def pack(key, size, num_keys):
 # ----------------------------------------------------------------------------- the function to copy
 
 def longheads_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_theta=10000.0,
-                        rope=None, block_size=None, layout=LAYOUT, select=SELECT):
+                        rope=None, block_size=None, layout=LAYOUT, select=SELECT,
+                        local_chunks=LOCAL_CHUNKS):
     """Causal LongHeads attention over a whole sequence.
 
     q: (B, H, T, D), k and v: (B, Hkv, T, D), all before RoPE; H a multiple of Hkv (GQA).
@@ -378,7 +382,8 @@ def longheads_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
     (P, D) tables, for scaled RoPE. block_size: queries per block (default: at most chunk_size,
     and about BLOCK_SCORES scores); it bounds the working memory. layout: the order of the
     picked chunks, "position" (the paper's) or "score" (select_chunks). select: how candidate
-    chunks are scored, "summary" (the paper's), "maxkey" or "recent" (candidate_scores).
+    chunks are scored, "summary" (the paper's) or "maxkey" (candidate_scores). local_chunks:
+    how many of the newest chunks are always read (select_chunks; 2 is the paper's).
     Returns (B, H, T, D).
     With num_chunks * chunk_size >= T this is ordinary causal attention with RoPE at true positions.
     """
@@ -386,14 +391,15 @@ def longheads_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
     B, H, T, D = q.shape
     cache = LongHeadsCache(B, H, k.shape[1], T, D, chunk_size=chunk_size, num_chunks=num_chunks,
                            rope=rope, rope_theta=rope_theta, block_size=block_size, dtype=q.dtype,
-                           device=q.device, layout=layout, select=select)
+                           device=q.device, layout=layout, select=select,
+                           local_chunks=local_chunks)
     return cache(q, k, v)
 
 
 # ----------------------------------------------------------------------------- argument checks
 
-def check_config(num_heads, num_kv_heads, chunk_size, num_chunks, block_size=None, layout="position",
-                 select="summary"):
+def check_config(num_heads, num_kv_heads, chunk_size, num_chunks, block_size=None, layout=LAYOUT,
+                 select=SELECT, local_chunks=LOCAL_CHUNKS):
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if select not in SELECTS:
@@ -403,6 +409,9 @@ def check_config(num_heads, num_kv_heads, chunk_size, num_chunks, block_size=Non
     if num_chunks < 3:
         raise ValueError(f"num_chunks must be >= 3 (chunk 0, the previous and the own chunk are "
                          f"always read), got {num_chunks}")
+    if not 2 <= local_chunks <= num_chunks - 1:
+        raise ValueError(f"local_chunks must lie in [2, num_chunks - 1] (the own and previous chunk "
+                         f"at least, chunk 0 besides), got {local_chunks}")
     if block_size is not None and block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     if num_kv_heads < 1 or num_heads % num_kv_heads:
@@ -435,7 +444,7 @@ def check_inputs(q, k, v, cache=None):
 # ----------------------------------------------------------------------------- the slow reference
 
 def longheads_reference(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_theta=10000.0,
-                        rope=None, layout=LAYOUT, select=SELECT):
+                        rope=None, layout=LAYOUT, select=SELECT, local_chunks=LOCAL_CHUNKS):
     """The definition, one query at a time: select chunks, lay them out, rotate, attend.
 
     Written straight from DESIGN §1-§3, with nothing shared with the fast path but the RoPE
@@ -453,7 +462,7 @@ def longheads_reference(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
             for t in range(T):
                 scores = {j: reference_score(qh[t], j, summaries, kh, w, cos, sin, select)
                           for j in range(1, t // w - 1)}
-                chunks = reference_selection(scores, t // w, K, layout)
+                chunks = reference_selection(scores, t // w, K, layout, local_chunks)
                 out[z, h, t] = reference_query(qh[t], kh, vh, t, chunks, w, cos, sin)
     return out
 
@@ -471,18 +480,18 @@ def reference_score(q, j, summaries, k, w, cos, sin, select="summary"):
     """§2: how well candidate chunk j suits raw query q (D,); k: the head's raw keys (T, D)."""
     if select == "summary":
         return float(q @ summaries[j])
-    if select == "recent":
-        return float(j)
     keys = apply_rope(k[j * w:(j + 1) * w], cos[:w], sin[:w])  # (w, D) at chunk-local positions
     return float((keys @ apply_rope(q, cos[w], sin[w])).max())  # the query just after the chunk
 
 
-def reference_selection(scores, g, K, layout="position"):
+def reference_selection(scores, g, K, layout=LAYOUT, local_chunks=LOCAL_CHUNKS):
     """§2 for one query in chunk g, scores {candidate: score}: the chunks it reads, in order."""
     if g < K:
         return list(range(g + 1))
-    best = sorted(scores, key=scores.get, reverse=True)[:K - 3]
-    return [0, *(sorted(best) if layout == "position" else best[::-1]), g - 1, g]
+    candidates = [j for j in scores if j <= g - local_chunks]  # the newest are read anyway
+    best = sorted(candidates, key=scores.get, reverse=True)[:K - 1 - local_chunks]
+    newest = list(range(g - local_chunks + 1, g + 1))
+    return [0, *(sorted(best) if layout == "position" else best[::-1]), *newest]
 
 
 def reference_query(q, k, v, t, chunks, w, cos, sin):

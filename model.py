@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-from longheads import (CHUNK_SIZE, LAYOUT, SELECT, LongHeadsCache, apply_rope, causal_attention,
+from longheads import (CHUNK_SIZE, LAYOUT, LOCAL_CHUNKS, SELECT, LongHeadsCache, apply_rope, causal_attention,
                        default_num_chunks, rope_cos_sin, rope_inv_freq)
 
 ROPE_TYPES = ("default", "linear", "dynamic")
@@ -185,7 +185,7 @@ class Body(nn.Module):
 
 class Llama(nn.Module):
     def __init__(self, cfg, *, attention="full", chunk_size=CHUNK_SIZE, num_chunks=None, offload=False,
-                 layout=LAYOUT, select=SELECT):
+                 layout=LAYOUT, select=SELECT, local_chunks=LOCAL_CHUNKS):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
@@ -193,6 +193,7 @@ class Llama(nn.Module):
         self.chunk_size, self.offload = chunk_size, offload  # offload: LongHeads' keys and values in CPU memory
         self.layout = layout  # the order of the picked chunks (longheads.select_chunks)
         self.select = select  # how candidate chunks are scored (longheads.candidate_scores)
+        self.local_chunks = local_chunks  # the newest chunks every query reads (select_chunks)
         # num_chunks=None is the paper's rule: a budget of the trained length, so that nothing
         # changes for contexts the model was trained on
         self.num_chunks = num_chunks or default_num_chunks(cfg.max_position_embeddings, chunk_size)
@@ -209,7 +210,8 @@ class Llama(nn.Module):
             seen = min(max_len, self.chunk_size * self.num_chunks)
             make = lambda: LongHeadsCache(*shape, chunk_size=self.chunk_size, num_chunks=self.num_chunks,
                                           rope=cfg.inv_freq(seen), dtype=dtype, device=device, offload=self.offload,
-                                          layout=self.layout, select=self.select)
+                                          layout=self.layout, select=self.select,
+                                          local_chunks=self.local_chunks)
         return nn.ModuleList(make() for _ in range(cfg.num_hidden_layers))
 
     def hidden(self, input_ids, caches):
@@ -243,14 +245,14 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, path, *, device="cpu", dtype=None, attention="full",
                         chunk_size=CHUNK_SIZE, num_chunks=None, offload=False, layout=LAYOUT,
-                        select=SELECT):
+                        select=SELECT, local_chunks=LOCAL_CHUNKS):
         """Load a Hugging Face Llama checkpoint directory (config.json + safetensors)."""
         path = Path(path)
         cfg = LlamaConfig.from_dict(read_json(path / "config.json"))
         files = checkpoint_files(path)
         with torch.device("meta"):  # no memory yet: the checkpoint's tensors become the weights
             model = cls(cfg, attention=attention, chunk_size=chunk_size, num_chunks=num_chunks,
-                        offload=offload, layout=layout, select=select)
+                        offload=offload, layout=layout, select=select, local_chunks=local_chunks)
         shapes = tensor_shapes(files)
         check_tensors(model, shapes)
         dtype = to_dtype(dtype) if dtype is not None else None

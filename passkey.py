@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from longheads import BLOCK_SCORES, CHUNK_SIZE, LAYOUT, LAYOUTS, SELECT, SELECTS
+from longheads import BLOCK_SCORES, CHUNK_SIZE, LAYOUT, LAYOUTS, LOCAL_CHUNKS, SELECT, SELECTS
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
         "them. I will quiz you about the important information there.")
@@ -190,6 +190,8 @@ def check_model_args(args):
         raise UsageError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     if args.num_chunks is not None and args.num_chunks < 3:
         raise UsageError(f"--num-chunks must be >= 3, got {args.num_chunks}")
+    if args.local_chunks < 2 or (args.num_chunks and args.local_chunks >= args.num_chunks):
+        raise UsageError(f"--local-chunks must lie in [2, num_chunks - 1], got {args.local_chunks}")
     if min(args.len) < 1:
         raise UsageError(f"--len must be positive, got {min(args.len)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -239,7 +241,7 @@ def load_model(args):
     dtype = torch.bfloat16 if args.dtype is None and args.device.startswith("cuda") else getattr(torch, args.dtype or "float32")
     model = Llama.from_pretrained(path, device=args.device, dtype=dtype, chunk_size=args.chunk_size,
                                   num_chunks=args.num_chunks, offload=args.offload, layout=args.layout,
-                                  select=args.select)
+                                  select=args.select, local_chunks=args.local_chunks)
     return model, Tokenizer(path), dtype
 
 
@@ -267,7 +269,7 @@ def run_diagnosis(args):
     prompts = [build_prompt(tok, n, depth, key, args.haystack) for n in (length, short)]
     tensors = [torch.tensor([p], device=args.device) for p in prompts]
     print(f"key {key} at depth {depth}; LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks} "
-          f"layout={model.layout} select={model.select}, {args.haystack}")
+          f"layout={model.layout} select={model.select} local_chunks={model.local_chunks}, {args.haystack}")
     diagnose(model, tok, tensors[0], key_digits(tok, prompts[0], key), tensors[1], key_digits(tok, prompts[1], key))
 
 
@@ -275,7 +277,8 @@ def sweep(args):
     model, tok, dtype = load(args)
     print(f"model {args.model or 'SmolLM2-135M-Instruct'} (trained at {model.config.max_position_embeddings}), "
           f"LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks} layout={model.layout} "
-          f"select={model.select}, haystack {args.haystack}, {args.device} {str(dtype)[6:]}")
+          f"select={model.select} local_chunks={model.local_chunks}, haystack {args.haystack}, "
+          f"{args.device} {str(dtype)[6:]}")
     print(f"{'length':>7} {'depth':>5}  {'attention':<9}  {'key':>5}  {'output':<24} {'ok':<3} {'seconds':>7}")
     records = []
     for length in args.len:
@@ -284,8 +287,9 @@ def sweep(args):
             model.attention = attention
             for depth, key, output, seconds in run_trials(model, tok, length, trials, args.device, args.haystack):
                 correct = first_integer(output) == key
-                records.append(dict(length=length, depth=depth, attention=attention, haystack=args.haystack, key=key,
-                                    output=output, correct=correct, seconds=round(seconds, 2)))
+                records.append(dict(length=length, depth=depth, attention=attention, **settings(model),
+                                    haystack=args.haystack, key=key, output=output, correct=correct,
+                                    seconds=round(seconds, 2)))
                 print(f"{length:>7} {depth:>5.2f}  {attention:<9}  {key:>5}  {output[:24]!r:<24} "
                       f"{'yes' if correct else 'no':<3} {seconds:>7.1f}", flush=True)
                 if args.json:
@@ -294,6 +298,14 @@ def sweep(args):
     if args.plot:
         plot(records, args.plot)
     return records
+
+
+def settings(model):
+    """The LongHeads settings a record was made with (none for full attention)."""
+    if model.attention == "full":
+        return {}
+    return dict(chunk_size=model.chunk_size, num_chunks=model.num_chunks, layout=model.layout,
+                select=model.select, local_chunks=model.local_chunks)
 
 
 def summarize(records):
@@ -342,6 +354,14 @@ def write_atomically(file, text):
     os.replace(tmp, file)
 
 
+def add_longheads_args(p):
+    """The LongHeads options beyond the budget, shared with perplexity.py."""
+    p.add_argument("--select", choices=SELECTS, default=SELECT, help="how a head scores candidate "
+                   "chunks: their summary key (the paper's) or their best single key (maxkey)")
+    p.add_argument("--local-chunks", type=int, default=LOCAL_CHUNKS, help="the newest chunks every "
+                   "query reads (2, the own and the previous, is the paper's)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="a Hugging Face Llama directory (default: SmolLM2-135M-Instruct)")
@@ -355,9 +375,7 @@ def parse_args(argv=None):
     p.add_argument("--num-chunks", type=int, help="chunks per head (default: trained length / chunk size)")
     p.add_argument("--layout", choices=LAYOUTS, default=LAYOUT,
                    help="order of a head's picked chunks: the paper's (position) or best nearest the query (score)")
-    p.add_argument("--select", choices=SELECTS, default=SELECT,
-                   help="how a head scores candidate chunks: summary key (the paper's), its best "
-                   "single key (maxkey), or recency (recent: a sliding window with chunk 0)")
+    add_longheads_args(p)
     p.add_argument("--haystack", choices=["filler", "book"], default="filler",
                    help="what the key hides in: the repeated filler (the paper's test) or War and Peace")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -10,8 +10,8 @@ context keeps the later buckets as low as the ones inside it (lower, even: more 
     python perplexity.py --len 8192 16384 32768 --attention full longheads window --json F --plot F.png
 
 Attentions: "full" (SDPA over everything), "longheads" (with --select, --chunk-size, ...), and
-"window": LongHeads with selection by recency (chunk 0 plus the newest chunks, the same budget and
-positions), the baseline that tells whether choosing chunks by content earns anything. Attention
+"window": LongHeads that reads chunk 0 and its newest chunks only (local_chunks = num_chunks - 1:
+the same budget and positions), the baseline that tells whether choosing chunks earns anything. Attention
 is causal, so for one start the buckets of a shorter --len are those of a longer one.
 """
 import argparse
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import passkey
-from longheads import CHUNK_SIZE, LAYOUT, LAYOUTS, SELECT, SELECTS
+from longheads import CHUNK_SIZE, LAYOUT, LAYOUTS
 
 ATTENTIONS = ("full", "longheads", "window")
 LOGIT_BLOCK = 1024  # positions per output-layer call: (1024, vocab) logits at a time
@@ -74,10 +74,10 @@ def documents(tok, length, docs):
     return [head + ids[i * body:(i + 1) * body] for i in range(docs)]
 
 
-def configure(model, attention, select):
-    """Point the model at one attention: window is LongHeads choosing chunks by recency."""
+def configure(model, attention, local_chunks):
+    """Point the model at one attention: window is LongHeads reading only its newest chunks."""
     model.attention = "full" if attention == "full" else "longheads"
-    model.select = "recent" if attention == "window" else select
+    model.local_chunks = model.num_chunks - 1 if attention == "window" else local_chunks
 
 
 def evaluate(model, tok, args):
@@ -90,26 +90,19 @@ def evaluate(model, tok, args):
               + "".join(f"{n:>11}" for n in names) + f"{'seconds':>9}")
         for doc, ids in enumerate(documents(tok, length, args.docs)):
             for attention in args.attention:
-                configure(model, attention, args.select)
+                configure(model, attention, args.local_chunks)
                 start = time.perf_counter()
                 with passkey.prefill_progress(model, f"{length} tokens, {attention}"):
                     nll = token_nll(model, torch.tensor([ids], device=args.device))
                 seconds = time.perf_counter() - start
                 buckets = bucket_means(nll.cpu(), edges)
-                records.append(dict(length=length, doc=doc, attention=attention, **settings(model),
+                records.append(dict(length=length, doc=doc, attention=attention, **passkey.settings(model),
                                     buckets=buckets, seconds=round(seconds, 1)))
                 print(f"{doc:>3} {attention:<10}" + "".join(f"{b['nll']:>11.3f}" for b in buckets)
                       + f"{seconds:>9.0f}", flush=True)
                 if args.json:
                     passkey.write_atomically(args.json, json.dumps(records, indent=1))
     return records
-
-
-def settings(model):
-    if model.attention == "full":
-        return {}
-    return dict(chunk_size=model.chunk_size, num_chunks=model.num_chunks, layout=model.layout,
-                select=model.select)
 
 
 def plot(records, file, trained):
@@ -153,7 +146,7 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
     p.add_argument("--num-chunks", type=int, help="chunks per head (default: trained length / chunk size)")
     p.add_argument("--layout", choices=LAYOUTS, default=LAYOUT)
-    p.add_argument("--select", choices=SELECTS, default=SELECT, help="LongHeads' scoring rule")
+    passkey.add_longheads_args(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")

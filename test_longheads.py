@@ -40,7 +40,9 @@ def problems(draw, budget):
     k = torch.randn(B, Hkv, T, D, generator=gen, dtype=torch.float64)
     v = torch.randn(B, Hkv, T, D, generator=gen, dtype=torch.float64)
     layout, select = draw(st.sampled_from(LAYOUTS)), draw(st.sampled_from(SELECTS))
-    return q, k, v, dict(chunk_size=w, num_chunks=K, rope_theta=theta, layout=layout, select=select)
+    local = draw(st.sampled_from([2, 2, K - 1, draw(st.integers(2, K - 1))]))  # the paper's, often
+    return q, k, v, dict(chunk_size=w, num_chunks=K, rope_theta=theta, layout=layout, select=select,
+                         local_chunks=local)
 
 
 def causal_rope_attention(q, k, v, rope_theta):
@@ -81,10 +83,10 @@ def window_definition(q, k, v, w, K, theta):
 
 @PROPERTY
 @given(problems("small"))
-def test_recent_selection_is_the_masked_sliding_window(problem):
-    """select="recent", layout "position": chunk 0 plus a window of the newest K - 1 chunks."""
+def test_all_local_chunks_is_the_masked_sliding_window(problem):
+    """local_chunks = K - 1: chunk 0 plus a window of the newest K - 1 chunks, whatever the rest."""
     q, k, v, opts = problem
-    opts.update(select="recent", layout="position")
+    opts.update(local_chunks=opts["num_chunks"] - 1)
     expected = window_definition(q, k, v, opts["chunk_size"], opts["num_chunks"], opts["rope_theta"])
     torch.testing.assert_close(longheads_attention(q, k, v, **opts), expected)
 
@@ -141,21 +143,22 @@ def test_selections_obey_the_rule(problem):
     t = torch.arange(K * w, T)  # every query past the first K chunks
     qg = q[:, :, K * w:].unflatten(1, (k.shape[1], -1))  # (B, Hkv, G, b, D)
     scores = cache.scores(qg, (T - 1) // w - 1).flatten(1, 2)  # (B, H, b, n - 1)
-    ids = select_chunks(scores, t // w, K, opts["layout"])  # (B, H, b, K)
+    local = opts["local_chunks"]
+    ids = select_chunks(scores, t // w, K, opts["layout"], local)  # (B, H, b, K)
     cos, sin = rope_table(None, opts["rope_theta"], D, T, q.device, q.dtype)
     for z in range(B):
         for h in range(H):
             for i, g in enumerate((t // w).tolist()):
                 chunks = ids[z, h, i].tolist()
                 assert len(set(chunks)) == K and max(chunks) == g  # unique, no future
-                assert chunks[0] == 0 and chunks[-2:] == [g - 1, g]
-                picked = chunks[1:-2]
+                assert chunks[0] == 0 and chunks[K - local:] == list(range(g - local + 1, g + 1))
+                picked = chunks[1:K - local]
                 kh, qt = k[z, h // (H // k.shape[1])], q[z, h, K * w + i]
                 score = {j: reference_score(qt, j, summaries[z, h], kh, w, cos, sin, opts["select"])
                          for j in range(1, g - 1)}
                 order = picked if opts["layout"] == "position" else [score[j] for j in picked]
                 assert order == sorted(order)  # original order, or rising score
-                assert chunks == reference_selection(score, g, K, opts["layout"])
+                assert chunks == reference_selection(score, g, K, opts["layout"], local)
 
 
 @PROPERTY
@@ -196,7 +199,9 @@ def test_rope_tables_inverse_frequencies_and_theta_agree():
     (dict(chunk_size=0), "chunk_size must be >= 1"),
     (dict(block_size=0), "block_size must be >= 1"),
     (dict(layout="random"), "layout must be one of position, score"),
-    (dict(select="best"), "select must be one of summary, maxkey, recent"),
+    (dict(select="best"), "select must be one of summary, maxkey"),
+    (dict(local_chunks=3), "local_chunks must lie in"),
+    (dict(local_chunks=1, num_chunks=4), "local_chunks must lie in"),
     (dict(rope=torch.ones(3)), "inverse frequencies must have shape"),
     (dict(rope=(torch.ones(4, 8), torch.ones(4, 8))), "cos/sin tables"),
 ])
@@ -327,13 +332,13 @@ class ReferenceAttention(torch.nn.Module):
         return longheads_reference(q.double(), k.double(), v.double(), rope=self.inv_freq, **self.opts).float()
 
 
-@pytest.mark.parametrize("layout, select", [(layout, "summary") for layout in LAYOUTS]
-                         + [("position", select) for select in SELECTS[1:]])
-def test_selective_longheads_model_equals_the_reference(checkpoint, layout, select):
+@pytest.mark.parametrize("layout, select, local", [(layout, "summary", 2) for layout in LAYOUTS]
+                         + [("position", "maxkey", 2), ("position", "maxkey", 3)])
+def test_selective_longheads_model_equals_the_reference(checkpoint, layout, select, local):
     """With a budget far below the prompt, the model's logits are those of the reference loop."""
     from model import Llama
     path, _ = checkpoint
-    opts = dict(chunk_size=3, num_chunks=5, layout=layout, select=select)
+    opts = dict(chunk_size=3, num_chunks=5, layout=layout, select=select, local_chunks=local)
     model = Llama.from_pretrained(path, attention="longheads", **opts)
     # distinct tokens: with a repeated token, two chunks can hold the same first-layer key, an
     # exact tie in "maxkey" that float32 rounding breaks one way and the float64 reference another

@@ -105,7 +105,7 @@ def tiny_model():
 def test_token_nll_is_the_cross_entropy_of_the_models_logits(attention, monkeypatch):
     monkeypatch.setattr(perplexity, "LOGIT_BLOCK", 7)  # several blocks, the last one partial
     model, ids = tiny_model(), torch.randint(0, 50, (1, 45), generator=torch.Generator().manual_seed(1))
-    perplexity.configure(model, attention, "summary")
+    perplexity.configure(model, attention, 2)
     with torch.no_grad():
         expected = F.cross_entropy(model(ids)[0, :-1], ids[0, 1:], reduction="none")
     torch.testing.assert_close(perplexity.token_nll(model, ids), expected)
@@ -115,13 +115,13 @@ def test_window_and_longheads_differ_past_the_budget_only():
     model, ids = tiny_model(), torch.randint(0, 50, (1, 45), generator=torch.Generator().manual_seed(2))
     nll = {}
     for attention in perplexity.ATTENTIONS:
-        perplexity.configure(model, attention, "summary")
+        perplexity.configure(model, attention, 2)
         nll[attention] = perplexity.token_nll(model, ids)
     budget = model.chunk_size * model.num_chunks  # 16: every query before it reads everything
     for a in ("longheads", "window"):
         torch.testing.assert_close(nll[a][:budget - 1], nll["full"][:budget - 1])
         assert not torch.allclose(nll[a][budget:], nll["full"][budget:])
-    assert model.select == "recent"  # window is selection by recency, the last one configured
+    assert model.local_chunks == model.num_chunks - 1  # window reads the newest chunks only
 
 
 def test_bucket_edges_and_means():
@@ -155,7 +155,7 @@ def test_cli_writes_records_and_a_plot(tmp_path, monkeypatch, capsys):
     records = json.loads(out.read_text())
     assert [(r["length"], r["doc"], r["attention"]) for r in records] == [
         (n, d, a) for n in (40, 24) for d in (0, 1) for a in ("full", "window")]
-    assert records[1]["select"] == "recent" and "select" not in records[0]
+    assert records[1]["local_chunks"] == 3 and "local_chunks" not in records[0]
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert "[0k, 40)" in capsys.readouterr().out
 
