@@ -19,12 +19,13 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import passkey
-from longheads import CHUNK_SIZE, LAYOUT, LAYOUTS
+from longheads import CHUNK_SIZE, LAYOUT, LAYOUTS, LOCAL_CHUNKS, SELECT
 
 ATTENTIONS = ("full", "longheads", "window")
 LOGIT_BLOCK = 1024  # positions per output-layer call: (1024, vocab) logits at a time
@@ -105,23 +106,33 @@ def evaluate(model, tok, args):
     return records
 
 
+def label(record):
+    """A line's name: the attention, and any LongHeads setting that is not the default."""
+    defaults = dict(chunk_size=CHUNK_SIZE, layout=LAYOUT, select=SELECT, local_chunks=LOCAL_CHUNKS)
+    if record["attention"] == "window":
+        defaults["local_chunks"] = record["num_chunks"] - 1
+    changed = [f"{k}={record[k]}" for k, v in defaults.items() if record.get(k, v) != v]
+    return " ".join([record["attention"], *changed])
+
+
 def plot(records, file, trained):
-    """Perplexity against position, one line per attention (the mean over documents), for the
-    longest length; the trained length marked."""
+    """Perplexity against position, one line per attention and setting (the mean over
+    documents), for the longest length; the trained length marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     length = max(r["length"] for r in records)
+    longest = [r for r in records if r["length"] == length]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for attention in dict.fromkeys(r["attention"] for r in records):
-        rs = [r for r in records if (r["attention"], r["length"]) == (attention, length)]
-        buckets = rs[0]["buckets"]
-        mids = [(b["start"] + b["end"]) / 2 for b in buckets]
-        nll = [sum(r["buckets"][i]["nll"] for r in rs) / len(rs) for i in range(len(buckets))]
-        ax.plot(mids, [torch.tensor(x).exp().item() for x in nll], marker="o", label=attention)
+    for name in dict.fromkeys(map(label, longest)):
+        rs = [r for r in longest if label(r) == name]
+        mids = [(b["start"] + b["end"]) / 2 for b in rs[0]["buckets"]]
+        nll = torch.tensor([[b["nll"] for b in r["buckets"]] for r in rs]).mean(0)  # (buckets,)
+        ax.plot(mids, nll.exp(), marker="o", label=name)
     ax.axvline(trained, color="gray", linestyle="--", label="trained length")
+    docs = len({r["doc"] for r in longest})
     ax.set(xscale="log", xlabel="position (tokens)", ylabel="perplexity (bucket mean)",
-           title=f"War and Peace, {length} tokens, {len(rs)} document(s)")
+           title=f"War and Peace, {length} tokens, {docs} document(s)")
     ax.legend()
     fig.tight_layout()
     tmp = f"{file}.tmp.png"
@@ -153,6 +164,8 @@ def parse_args(argv=None):
     p.add_argument("--offload", action="store_true", help="LongHeads' keys and values in CPU memory")
     p.add_argument("--json", help="write one record per (length, document, attention) to this file")
     p.add_argument("--plot", help="write perplexity against position (PNG; needs matplotlib)")
+    p.add_argument("--replot", nargs="+", metavar="JSON", help="no run: plot the records of these "
+                   "--json files together (to --plot)")
     return p.parse_args(argv)
 
 
@@ -164,7 +177,10 @@ def main(argv=None):
         if set(args.attention) - {"full"}:
             passkey.check_budget(model)
         passkey.check_memory(model, args, [a if a == "full" else "longheads" for a in args.attention], dtype)
-        records = evaluate(model, tok, args)
+        if args.replot:
+            records = [r for f in args.replot for r in json.loads(Path(f).read_text())]
+        else:
+            records = evaluate(model, tok, args)
         if args.plot:
             plot(records, args.plot, model.config.max_position_embeddings)
     except (passkey.UsageError, ValueError, FileNotFoundError, RuntimeError) as e:

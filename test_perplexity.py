@@ -160,6 +160,16 @@ def test_cli_writes_records_and_a_plot(tmp_path, monkeypatch, capsys):
     assert "[0k, 40)" in capsys.readouterr().out
 
 
+def test_plot_lines_are_named_by_attention_and_changed_settings():
+    record = dict(attention="longheads", chunk_size=256, num_chunks=32, layout="position",
+                  select="summary", local_chunks=2)
+    assert perplexity.label(record) == "longheads"
+    assert perplexity.label({**record, "select": "maxkey", "local_chunks": 24}) == \
+        "longheads select=maxkey local_chunks=24"
+    assert perplexity.label({**record, "attention": "window", "local_chunks": 31}) == "window"
+    assert perplexity.label(dict(attention="full")) == "full"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--len", "1"], "--len must be >= 2"),
     (["--docs", "0"], "--docs must be >= 1"),
