@@ -180,7 +180,8 @@ def child(args, kind, attention, length):
 def passthrough(args):
     out = ["--device", args.device, "--dtype", args.dtype, "--repeat", str(args.repeat),
            "--chunk-size", str(args.chunk_size), "--select", args.select,
-           "--attn-chunk-size", str(args.attn_chunk_size), "--attn-num-chunks", str(args.attn_num_chunks)]
+           "--attn-chunk-size", str(args.attn_chunk_size),
+           "--attn-num-chunks", str(args.attn_num_chunks)]
     out += ["--num-chunks", str(args.num_chunks)] if args.num_chunks else []
     return out + (["--shape", args.shape] if args.shape else [])
 
@@ -250,10 +251,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="LongHeads chunk size in the model")
-    p.add_argument("--num-chunks", type=int, help="LongHeads chunks per head in the model (default: "
-                   "the project's, trained length / chunk size)")
-    p.add_argument("--select", choices=SELECTS, default=SELECT, help="LongHeads' scoring rule in the model")
+    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE,
+                   help="LongHeads chunk size in the model")
+    p.add_argument("--num-chunks", type=int, help="LongHeads chunks per head in the model "
+                   "(default: the project's, trained length / chunk size)")
+    p.add_argument("--select", choices=SELECTS, default=SELECT,
+                   help="LongHeads' scoring rule in the model")
     p.add_argument("--attn-chunk-size", type=int, default=128, help="chunk size for attention alone")
     p.add_argument("--attn-num-chunks", type=int, default=16, help="chunks per head for attention alone")
     p.add_argument("--offload", action="store_true", help="also LongHeads with its keys and values in pinned CPU memory (CUDA)")

@@ -95,7 +95,8 @@ def selection(cache, q, t):
     if g < cache.K:
         return torch.arange(g + 1, device=q.device).expand(q.shape[0], g + 1)
     g = torch.tensor([g], device=q.device)
-    return select_chunks(candidate_scores(cache, q, t), g, cache.K, cache.layout, cache.local_chunks)[:, 0]
+    scores = candidate_scores(cache, q, t)  # (H, 1, g - 2)
+    return select_chunks(scores, g, cache.K, cache.layout, cache.local_chunks)[:, 0]
 
 
 def candidate_scores(cache, q, t):

@@ -126,7 +126,7 @@ def chunk_summaries(q, k, v):
 
 
 def candidate_scores(q, summaries, keys, rope_w, select="summary"):
-    """§2: how well each candidate chunk 1..n-1 suits each query, (..., b, n - 1); higher is better.
+    """§2: how well each candidate chunk 1..n-1 suits each query: (..., b, n - 1), higher better.
 
     q: (B, Hkv, G, b, D) raw queries; summaries: (B, Hkv, G, n, D); keys: (B, Hkv, n * w, D) at
     chunk-local positions (read by "maxkey" only); rope_w: (cos, sin) of position w, each (D,).
@@ -135,7 +135,8 @@ def candidate_scores(q, summaries, keys, rope_w, select="summary"):
     """
     n = summaries.shape[-2]
     if select == "summary":
-        return q.to(summaries.dtype) @ summaries[..., 1:, :].transpose(-1, -2)  # (B, Hkv, G, b, n - 1)
+        candidates = summaries[..., 1:, :].transpose(-1, -2)  # (B, Hkv, G, D, n - 1)
+        return q.to(summaries.dtype) @ candidates  # (B, Hkv, G, b, n - 1)
     qw = apply_rope(q, *rope_w).to(summaries.dtype)  # (B, Hkv, G, b, D)
     k = keys[:, :, None, keys.shape[2] // n:].to(summaries.dtype)  # (B, Hkv, 1, (n - 1) * w, D)
     return (qw @ k.transpose(-1, -2)).unflatten(-1, (n - 1, -1)).amax(-1)  # (B, Hkv, G, b, n - 1)
@@ -153,13 +154,15 @@ def select_chunks(scores, chunks, num_chunks, layout=LAYOUT, local_chunks=LOCAL_
     "score", a variant: the best candidate sits next to the newest chunks, nearest the query).
     (Queries in the first num_chunks chunks read every chunk: ordinary causal attention.)
     """
-    future = torch.arange(1, scores.shape[-1] + 1, device=scores.device) > chunks[:, None] - local_chunks  # (b, n - 1)
+    candidate = torch.arange(1, scores.shape[-1] + 1, device=scores.device)  # (n - 1,)
+    future = candidate > chunks[:, None] - local_chunks  # (b, n - 1): newest or not yet there
     # why a stable sort, not topk: equal scores are common (repeated text, or one token's key
     # in two chunks), and the earlier chunk must win every time, as in the reference
     ranked = scores.masked_fill(future, float("-inf")).sort(dim=-1, descending=True, stable=True)
     top = ranked.indices[..., :num_chunks - 1 - local_chunks] + 1  # (..., b, K'), best first
     top = top.sort(dim=-1).values if layout == "position" else top.flip(-1)
-    newest = chunks[:, None] - torch.arange(local_chunks - 1, -1, -1, device=chunks.device)  # (b, local)
+    back = torch.arange(local_chunks - 1, -1, -1, device=chunks.device)  # (local_chunks,)
+    newest = chunks[:, None] - back  # (b, local_chunks): g - local_chunks + 1 .. g
     newest = newest.expand(*top.shape[:-1], local_chunks)  # (..., b, local_chunks)
     return torch.cat([torch.zeros_like(newest[..., :1]), top, newest], dim=-1)
 
@@ -289,7 +292,8 @@ class LongHeadsCache(torch.nn.Module):
         B, Hkv, G, b, D = q.shape
         w, K, dev = self.w, self.K, q.device
         t = torch.arange(s, e, device=dev)
-        ids = select_chunks(self.scores(q, (e - 1) // w - 1), t // w, K, self.layout, self.local_chunks)  # (B, Hkv, G, b, K)
+        scores = self.scores(q, (e - 1) // w - 1)  # (B, Hkv, G, b, n - 1)
+        ids = select_chunks(scores, t // w, K, self.layout, self.local_chunks)  # (B, Hkv, G, b, K)
         # §3: rank r is read from (K - 1 - r) * w + o, whichever chunk it is: the query moves
         pos = (K - 1 - torch.arange(K, device=dev)) * w + t[:, None] % w  # (b, K)
         qr = apply_rope(q[..., None, :], self.cos[pos], self.sin[pos]) / math.sqrt(D)  # (B, Hkv, G, b, K, D)
@@ -410,8 +414,8 @@ def check_config(num_heads, num_kv_heads, chunk_size, num_chunks, block_size=Non
         raise ValueError(f"num_chunks must be >= 3 (chunk 0, the previous and the own chunk are "
                          f"always read), got {num_chunks}")
     if not 2 <= local_chunks <= num_chunks - 1:
-        raise ValueError(f"local_chunks must lie in [2, num_chunks - 1] (the own and previous chunk "
-                         f"at least, chunk 0 besides), got {local_chunks}")
+        raise ValueError(f"local_chunks must lie in [2, num_chunks - 1] (the own and previous "
+                         f"chunk at least, chunk 0 besides), got {local_chunks}")
     if block_size is not None and block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     if num_kv_heads < 1 or num_heads % num_kv_heads:

@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-from longheads import (CHUNK_SIZE, LAYOUT, LOCAL_CHUNKS, SELECT, LongHeadsCache, apply_rope, causal_attention,
-                       default_num_chunks, rope_cos_sin, rope_inv_freq)
+from longheads import (CHUNK_SIZE, LAYOUT, LOCAL_CHUNKS, SELECT, LongHeadsCache, apply_rope,
+                       causal_attention, default_num_chunks, rope_cos_sin, rope_inv_freq)
 
 ROPE_TYPES = ("default", "linear", "dynamic")
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -184,8 +184,8 @@ class Body(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg, *, attention="full", chunk_size=CHUNK_SIZE, num_chunks=None, offload=False,
-                 layout=LAYOUT, select=SELECT, local_chunks=LOCAL_CHUNKS):
+    def __init__(self, cfg, *, attention="full", chunk_size=CHUNK_SIZE, num_chunks=None,
+                 offload=False, layout=LAYOUT, select=SELECT, local_chunks=LOCAL_CHUNKS):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")

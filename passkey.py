@@ -240,8 +240,9 @@ def load_model(args):
     path = Path(args.model) if args.model else default_model()
     dtype = torch.bfloat16 if args.dtype is None and args.device.startswith("cuda") else getattr(torch, args.dtype or "float32")
     model = Llama.from_pretrained(path, device=args.device, dtype=dtype, chunk_size=args.chunk_size,
-                                  num_chunks=args.num_chunks, offload=args.offload, layout=args.layout,
-                                  select=args.select, local_chunks=args.local_chunks)
+                                  num_chunks=args.num_chunks, offload=args.offload,
+                                  layout=args.layout, select=args.select,
+                                  local_chunks=args.local_chunks)
     return model, Tokenizer(path), dtype
 
 
@@ -250,7 +251,7 @@ def check_model(model, tok, args):
     if args.attention != "full":
         check_budget(model)
     for length in args.len:
-        build_prompt(tok, length, 0.0, 10000, args.haystack)  # too short raises here, before any trial
+        build_prompt(tok, length, 0.0, 10000, args.haystack)  # too short: raises before a trial
 
 
 def check_budget(model):
@@ -269,14 +270,16 @@ def run_diagnosis(args):
     prompts = [build_prompt(tok, n, depth, key, args.haystack) for n in (length, short)]
     tensors = [torch.tensor([p], device=args.device) for p in prompts]
     print(f"key {key} at depth {depth}; LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks} "
-          f"layout={model.layout} select={model.select} local_chunks={model.local_chunks}, {args.haystack}")
+          f"layout={model.layout} select={model.select} local_chunks={model.local_chunks}, "
+          f"{args.haystack}")
     diagnose(model, tok, tensors[0], key_digits(tok, prompts[0], key), tensors[1], key_digits(tok, prompts[1], key))
 
 
 def sweep(args):
     model, tok, dtype = load(args)
     print(f"model {args.model or 'SmolLM2-135M-Instruct'} (trained at {model.config.max_position_embeddings}), "
-          f"LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks} layout={model.layout} "
+          f"LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks} "
+          f"layout={model.layout} "
           f"select={model.select} local_chunks={model.local_chunks}, haystack {args.haystack}, "
           f"{args.device} {str(dtype)[6:]}")
     print(f"{'length':>7} {'depth':>5}  {'attention':<9}  {'key':>5}  {'output':<24} {'ok':<3} {'seconds':>7}")
@@ -285,9 +288,11 @@ def sweep(args):
         trials = [(depth, trial_key(args.seed, length, depth, t)) for depth in args.depths for t in range(args.trials)]
         for attention in attentions(args):
             model.attention = attention
-            for depth, key, output, seconds in run_trials(model, tok, length, trials, args.device, args.haystack):
+            answers = run_trials(model, tok, length, trials, args.device, args.haystack)
+            for depth, key, output, seconds in answers:
                 correct = first_integer(output) == key
-                records.append(dict(length=length, depth=depth, attention=attention, **settings(model),
+                records.append(dict(length=length, depth=depth, attention=attention,
+                                    **settings(model),
                                     haystack=args.haystack, key=key, output=output, correct=correct,
                                     seconds=round(seconds, 2)))
                 print(f"{length:>7} {depth:>5.2f}  {attention:<9}  {key:>5}  {output[:24]!r:<24} "
@@ -377,7 +382,8 @@ def parse_args(argv=None):
                    help="order of a head's picked chunks: the paper's (position) or best nearest the query (score)")
     add_longheads_args(p)
     p.add_argument("--haystack", choices=["filler", "book"], default="filler",
-                   help="what the key hides in: the repeated filler (the paper's test) or War and Peace")
+                   help="what the key hides in: the repeated filler (the paper's test) or War "
+                   "and Peace")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")

@@ -7,12 +7,13 @@ A RoPE model's NLL jumps once positions pass its trained length; an attention th
 context keeps the later buckets as low as the ones inside it (lower, even: more text to go on).
 
     python perplexity.py --len 16384                    # full attention and LongHeads, 16k
-    python perplexity.py --len 8192 16384 32768 --attention full longheads window --json F --plot F.png
+    python perplexity.py --len 8192 16384 32768 --attention full longheads window \
+        --json F.json --plot F.png
 
 Attentions: "full" (SDPA over everything), "longheads" (with --select, --chunk-size, ...), and
 "window": LongHeads that reads chunk 0 and its newest chunks only (local_chunks = num_chunks - 1:
-the same budget and positions), the baseline that tells whether choosing chunks earns anything. Attention
-is causal, so for one start the buckets of a shorter --len are those of a longer one.
+the same budget and positions), the baseline that tells whether choosing chunks earns anything.
+Attention is causal, so for one start the buckets of a shorter --len are those of a longer one.
 """
 import argparse
 import json
@@ -97,7 +98,8 @@ def evaluate(model, tok, args):
                     nll = token_nll(model, torch.tensor([ids], device=args.device))
                 seconds = time.perf_counter() - start
                 buckets = bucket_means(nll.cpu(), edges)
-                records.append(dict(length=length, doc=doc, attention=attention, **passkey.settings(model),
+                records.append(dict(length=length, doc=doc, attention=attention,
+                                    **passkey.settings(model),
                                     buckets=buckets, seconds=round(seconds, 1)))
                 print(f"{doc:>3} {attention:<10}" + "".join(f"{b['nll']:>11.3f}" for b in buckets)
                       + f"{seconds:>9.0f}", flush=True)
@@ -142,7 +144,8 @@ def plot(records, file, trained):
 
 def check_args(args):
     if min(args.len) < 2:
-        raise passkey.UsageError(f"--len must be >= 2 (one token predicts the next), got {min(args.len)}")
+        raise passkey.UsageError(f"--len must be >= 2 (one token predicts the next), "
+                                 f"got {min(args.len)}")
     if args.docs < 1:
         raise passkey.UsageError(f"--docs must be >= 1, got {args.docs}")
     passkey.check_model_args(args)
@@ -150,18 +153,21 @@ def check_args(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="a Hugging Face Llama directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="a Hugging Face Llama directory (default: SmolLM2-135M)")
     p.add_argument("--len", type=int, nargs="+", default=[16384], help="tokens per prefill")
-    p.add_argument("--docs", type=int, default=1, help="documents (consecutive stretches of the book)")
+    p.add_argument("--docs", type=int, default=1,
+                   help="documents (consecutive stretches of the book)")
     p.add_argument("--attention", nargs="+", choices=ATTENTIONS, default=["full", "longheads"])
     p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
-    p.add_argument("--num-chunks", type=int, help="chunks per head (default: trained length / chunk size)")
+    p.add_argument("--num-chunks", type=int,
+                   help="chunks per head (default: trained length / chunk size)")
     p.add_argument("--layout", choices=LAYOUTS, default=LAYOUT)
     passkey.add_longheads_args(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--offload", action="store_true", help="LongHeads' keys and values in CPU memory")
+    p.add_argument("--offload", action="store_true",
+                   help="LongHeads' keys and values in CPU memory")
     p.add_argument("--json", help="write one record per (length, document, attention) to this file")
     p.add_argument("--plot", help="write perplexity against position (PNG; needs matplotlib)")
     p.add_argument("--replot", nargs="+", metavar="JSON", help="no run: plot the records of these "
@@ -176,7 +182,8 @@ def main(argv=None):
         model, tok, dtype = passkey.load_model(args)
         if set(args.attention) - {"full"}:
             passkey.check_budget(model)
-        passkey.check_memory(model, args, [a if a == "full" else "longheads" for a in args.attention], dtype)
+        kinds = ["full" if a == "full" else "longheads" for a in args.attention]
+        passkey.check_memory(model, args, kinds, dtype)
         if args.replot:
             records = [r for f in args.replot for r in json.loads(Path(f).read_text())]
         else:
@@ -187,7 +194,8 @@ def main(argv=None):
         print(f"perplexity.py: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("\nperplexity.py: interrupted (--json holds the records finished so far)", file=sys.stderr)
+        print("\nperplexity.py: interrupted (--json holds the records finished so far)",
+              file=sys.stderr)
         sys.exit(130)
 
 

