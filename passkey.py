@@ -259,6 +259,9 @@ def check_budget(model):
     if budget > trained:
         raise UsageError(f"--chunk-size x --num-chunks = {budget} exceeds the model's trained "
                          f"length {trained}: LongHeads would show it distances it never saw")
+    if model.local_chunks >= model.num_chunks:
+        raise UsageError(f"--local-chunks {model.local_chunks} leaves no room for chunk 0 in "
+                         f"{model.num_chunks} chunks: use at most {model.num_chunks - 1}")
 
 
 def run_diagnosis(args):

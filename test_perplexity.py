@@ -181,6 +181,7 @@ def test_plot_lines_are_named_by_attention_and_changed_settings():
     (["--len", "1"], "--len must be >= 2"),
     (["--docs", "0"], "--docs must be >= 1"),
     (["--num-chunks", "2"], "--num-chunks must be >= 3"),
+    (["--local-chunks", "1"], "--local-chunks must lie in [2, num_chunks - 1]"),
     (["--attention", "sparse"], "invalid choice"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(args, message):
