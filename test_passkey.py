@@ -84,6 +84,24 @@ def test_prompt_has_exact_length_and_key_at_depth(tokenizer, length, depth):
 
 
 @needs_model
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.7, 1.0])
+def test_book_prompt_hides_the_key_at_a_line_break_of_the_prose(tokenizer, depth):
+    length = 3000
+    ids = passkey.build_prompt(tokenizer, length, depth, 54321, haystack="book")
+    assert len(ids) == length
+    text = tokenizer.decode(ids)
+    line = passkey.KEY_LINE.format(key=54321)
+    key_at = text.index(line)
+    assert text.count("54321") == 2 and text.endswith(passkey.QUESTION)
+    assert text[key_at - 1] == "\n" and "War and Peace" in text  # after a line of the book
+    prose = len(text) - len(passkey.TASK) - len(passkey.QUESTION) - len(line)
+    assert abs((key_at - len(passkey.TASK)) / prose - depth) < 0.05  # to a line
+    shared, _ = passkey.prompt_parts(tokenizer, length, depth, 54321, haystack="book")
+    deeper, _ = passkey.prompt_parts(tokenizer, length, min(1.0, depth + 0.2), 12345, haystack="book")
+    assert ids[:len(shared)] == shared == deeper[:len(shared)]  # what trials share: no key in it
+
+
+@needs_model
 @pytest.mark.parametrize("attention", ["full", "longheads"])
 def test_trials_sharing_the_filler_answer_as_whole_prompts(smollm2, tokenizer, attention):
     """run_trials prefills the common filler once; every answer is the one of its whole prompt."""
