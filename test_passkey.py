@@ -97,7 +97,7 @@ def test_book_prompt_hides_the_key_at_a_line_break_of_the_prose(tokenizer, depth
     prose = len(text) - len(passkey.TASK) - len(passkey.QUESTION) - len(line)
     assert abs((key_at - len(passkey.TASK)) / prose - depth) < 0.05  # to a line
     shared, _ = passkey.prompt_parts(tokenizer, length, depth, 54321, haystack="book")
-    deeper, _ = passkey.prompt_parts(tokenizer, length, min(1.0, depth + 0.2), 12345, haystack="book")
+    deeper, _ = passkey.prompt_parts(tokenizer, length, min(1.0, depth + 0.2), 12345, "book")
     assert ids[:len(shared)] == shared == deeper[:len(shared)]  # what trials share: no key in it
 
 
