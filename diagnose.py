@@ -95,11 +95,11 @@ def selection(cache, q, t):
     if g < cache.K:
         return torch.arange(g + 1, device=q.device).expand(q.shape[0], g + 1)
     g = torch.tensor([g], device=q.device)
-    scores = candidate_scores(cache, q, t)  # (H, 1, g - 2)
+    scores = query_scores(cache, q, t)  # (H, 1, g - 2)
     return select_chunks(scores, g, cache.K, cache.layout, cache.local_chunks)[:, 0]
 
 
-def candidate_scores(cache, q, t):
+def query_scores(cache, q, t):
     """The scores (H, 1, g - 2) of candidates 1..g-2 for query t, q (H, D), as the cache scores."""
     qg = q.view(1, -1, cache.groups, 1, q.shape[-1])  # (1, Hkv, G, 1, D), as the cache groups heads
     return cache.scores(qg, t // cache.w - 1).flatten(0, 2)
@@ -115,7 +115,7 @@ def key_chunk_rank(cache, q, t, key_tokens):
     candidates = [c for c in key_chunks if 1 <= c <= g - cache.local_chunks]
     if g < cache.K or len(candidates) < len(key_chunks):
         return f"{int(picked.sum())}/{len(picked)}", "-"  # read anyway: the first K, 0, the newest
-    scores = candidate_scores(cache, q, t).squeeze(1)  # (H, g - 2)
+    scores = query_scores(cache, q, t).squeeze(1)  # (H, g - 2)
     best = scores[:, [c - 1 for c in candidates]].max(-1).values  # (H,)
     rank = 1 + (scores > best[:, None]).sum(-1)
     return f"{int(picked.sum())}/{len(picked)}", int(rank.float().median())
