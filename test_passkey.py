@@ -15,8 +15,10 @@ import torch
 import passkey
 
 OFFLINE = os.environ.get("LONGHEADS_OFFLINE") == "1"
-needs_model = pytest.mark.skipif(OFFLINE, reason="LONGHEADS_OFFLINE=1: no network for the default model")
-MIXED = ["The pass key is 71432. Remember it.", "Héllo wörld  tabs\tand 世界 <|im_start|>x 3.14",
+needs_model = pytest.mark.skipif(OFFLINE,
+                                 reason="LONGHEADS_OFFLINE=1: no network for the default model")
+MIXED = ["The pass key is 71432. Remember it.",
+         "Héllo wörld  tabs\tand 世界 <|im_start|>x 3.14",
          "  leading spaces, 0123456789 digits,\n\nnew lines and emoji 🙂."]
 
 
@@ -40,7 +42,8 @@ def test_conversion_matches_transformers_gguf_loader(tmp_path):
     from model import Llama
     from tokenizer import Tokenizer
     gguf = default_gguf()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                           dtype=torch.float32)
     ours32 = Llama.from_pretrained(convert(gguf, tmp_path / "f32", dtype=torch.float32))
     ours16 = Llama.from_pretrained(default_model(), dtype=torch.float32)
     tok = Tokenizer(default_model())
@@ -75,9 +78,11 @@ def test_prompt_has_exact_length_and_key_at_depth(tokenizer, length, depth):
     text = tokenizer.decode(ids)
     assert text.count("54321") == 2 and text.endswith(passkey.QUESTION)
     start, key_at = len(passkey.TASK), text.index("\nThe pass key is 54321")
-    filler = len(text) - len(passkey.TASK) - len(passkey.QUESTION) - len(passkey.KEY_LINE.format(key=54321))
+    filler = (len(text) - len(passkey.TASK) - len(passkey.QUESTION)
+              - len(passkey.KEY_LINE.format(key=54321)))
     assert abs((key_at - start) / filler - depth) < 0.1  # to a whole filler sentence
-    assert "".join(tokenizer.decode([ids[i]]) for i in passkey.key_digits(tokenizer, ids, 54321)) == "5432154321"
+    assert "".join(tokenizer.decode([ids[i]])
+                   for i in passkey.key_digits(tokenizer, ids, 54321)) == "5432154321"
     shared, _ = passkey.prompt_parts(tokenizer, length, depth, key=54321)
     deeper, _ = passkey.prompt_parts(tokenizer, length, min(1.0, depth + 0.2), key=12345)
     assert ids[:len(shared)] == shared == deeper[:len(shared)]  # what trials share: no key in it
@@ -106,11 +111,13 @@ def test_book_prompt_hides_the_key_at_a_line_break_of_the_prose(tokenizer, depth
 def test_trials_sharing_the_filler_answer_as_whole_prompts(smollm2, tokenizer, attention):
     """run_trials prefills the common filler once; every answer is the one of its whole prompt."""
     from model import Llama
-    model = Llama.from_pretrained(smollm2, dtype=torch.float32, attention=attention, chunk_size=64, num_chunks=8)
+    model = Llama.from_pretrained(smollm2, dtype=torch.float32, attention=attention, chunk_size=64,
+                                  num_chunks=8)
     length, trials = 1200, [(0.8, 11111), (0.2, 22222), (0.8, 33333), (0.5, 44444)]
     embedded = []
     model.model.embed_tokens.register_forward_hook(lambda m, a, o: embedded.append(a[0].shape[1]))
-    answers = {(d, k): text for d, k, text, _ in passkey.run_trials(model, tokenizer, length, trials, "cpu")}
+    answers = {(d, k): text
+               for d, k, text, _ in passkey.run_trials(model, tokenizer, length, trials, "cpu")}
     assert sum(embedded) < len(trials) * length  # the filler was shared
     for depth, key in trials:
         ids = torch.tensor([passkey.build_prompt(tokenizer, length, depth, key)])
@@ -127,19 +134,25 @@ def test_passkey_end_to_end_through_the_cli(smollm2, tmp_path):
     records = __import__("json").loads((tmp_path / "r.json").read_text())
     assert [r["attention"] for r in records] == ["full", "longheads"]
     assert all(r["correct"] for r in records), records
-    assert re.search(r"full\s+2048: 1/1", out.stdout) and re.search(r"longheads\s+2048: 1/1", out.stdout)
+    assert (re.search(r"full\s+2048: 1/1", out.stdout)
+            and re.search(r"longheads\s+2048: 1/1", out.stdout))
 
 
 @needs_model
 def test_diagnose_prints_every_layer_for_both_attentions(smollm2):
-    out = run_cli("--diagnose", "--len", "2048", "--depths", "0.5", "--chunk-size", "128", "--num-chunks", "8")
+    out = run_cli("--diagnose", "--len", "2048", "--depths", "0.5", "--chunk-size", "128",
+                  "--num-chunks", "8")
     assert out.returncode == 0, out.stderr
     layers = 30  # SmolLM2-135M
-    assert len(re.findall(r"^\s+\d+\s+\d+/9\s+(\d+|-)\s+[\d.]+\s+[\d.]+$", out.stdout, re.M)) == layers
+    assert len(re.findall(r"^\s+\d+\s+\d+/9\s+(\d+|-)\s+[\d.]+\s+[\d.]+$",
+                          out.stdout, re.M)) == layers
     assert len(re.findall(r"^\s+\d+\s+all\s+-\s+[\d.]+\s+[\d.]+$", out.stdout, re.M)) == layers
     assert out.stdout.count("next token: ") == 2
-    slots = re.findall(r"^scored slots: (\d+) over (\d+) layers, filled by (\d+) distinct", out.stdout, re.M)
-    assert len(slots) == 1 and int(slots[0][0]) == (8 - 3) * 9 * layers and int(slots[0][1]) == layers  # LongHeads only
+    slots = re.findall(r"^scored slots: (\d+) over (\d+) layers, filled by (\d+) distinct",
+                       out.stdout, re.M)
+    # LongHeads only
+    assert (len(slots) == 1 and int(slots[0][0]) == (8 - 3) * 9 * layers
+            and int(slots[0][1]) == layers)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -178,7 +191,8 @@ def run_cli(*args):
 def test_plot_writes_a_heatmap_png_atomically(tmp_path):
     pytest.importorskip("matplotlib")
     records = [dict(attention=a, length=n, depth=d, correct=ok)
-               for a in ("full", "longheads") for n in (4096, 8192) for d in (0.0, 1.0) for ok in (True, False)
+               for a in ("full", "longheads") for n in (4096, 8192)
+               for d in (0.0, 1.0) for ok in (True, False)
                if (a, n, d) != ("full", 8192, 1.0)]  # a cell that was not run stays blank
     passkey.plot(records, str(tmp_path / "map.png"))
     assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -54,7 +54,10 @@ class Tokenizer:
         Llamas start with BOS, a tokenizer.json adds what its post-processor says."""
         if self.sp is None and bos is None:
             return self.tok.encode(text).ids
-        ids = self.sp.encode(text) if self.sp else self.tok.encode(text, add_special_tokens=False).ids
+        if self.sp:
+            ids = self.sp.encode(text)
+        else:
+            ids = self.tok.encode(text, add_special_tokens=False).ids
         add = bos if bos is not None else self.bos_id is not None
         return [self.bos_id] + ids if add and self.bos_id is not None else ids
 
