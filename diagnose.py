@@ -1,19 +1,21 @@
 """Look inside LongHeads on one passkey prompt: does the answering query find the key, and use it?
 
-    python passkey.py --diagnose --len 32768 --depths 0.5
+    python passkey.py --diagnose --len 16384 --depths 0.5 --plot chunks.png
 
 One prompt, one prefill. The final query is the one whose next token is the answer. For it, in
 every layer, over the query heads:
   picked   how many heads' selections hold a chunk of the key line
-  rank     the key chunk's rank among the candidates by their score (the select rule; 1 = best,
+  place    where the key chunk stands among the candidates by score (the select rule; 1 = best,
            median over heads; "-" when the key sits in a chunk every query reads anyway)
   mass     the attention the final query puts on the key's digits (mean and best head)
 the chunks that fill the scored slots most often over all layers and heads (are the winners
 the same few filler chunks everywhere?), and the model's top-5 next tokens. Then the same for
 full attention on the same key at a length where full attention still works (half the trained
-length), for contrast.
+length), for contrast. --plot draws the LongHeads part: every layer's and head's picked chunks,
+the key's chunk marked, beside the attention mass on the key per layer.
 """
 import math
+import os
 
 import torch
 
@@ -21,46 +23,82 @@ from longheads import LongHeadsCache, apply_rope, rope_cos_sin, select_chunks
 
 
 @torch.no_grad()
-def diagnose(model, tok, ids, key_tokens, contrast_ids, contrast_key_tokens):
+def diagnose(model, tok, ids, key_tokens, contrast_ids, contrast_key_tokens, plot_file=None):
     """Print the table for one prompt (LongHeads) and for a shorter one (full attention)."""
-    for name, prompt, where in [("longheads", ids, key_tokens), ("full", contrast_ids, contrast_key_tokens)]:
+    runs = [("longheads", ids, key_tokens), ("full", contrast_ids, contrast_key_tokens)]
+    for name, prompt, where in runs:
         model.attention = name
-        rows, slots, top5 = inspect(model, prompt, where)
-        print(f"\n{name} attention, {prompt.shape[1]} tokens, key digits at {where[0]}..{where[-1]}")
-        print(f"{'layer':>5}  {'picked':>7}  {'rank':>5}  {'mass mean':>9}  {'mass best':>9}")
-        for layer, (picked, rank, mass) in enumerate(rows):
-            print(f"{layer:>5}  {picked:>7}  {rank:>5}  {mass.mean():>9.3f}  {mass.max():>9.3f}")
-        if slots:
-            print(scored_slots(slots, where, model.chunk_size))
+        rows, picks, top5 = inspect(model, prompt, where)
+        print(f"\n{name} attention, {prompt.shape[1]} tokens, "
+              f"key digits at {where[0]}..{where[-1]}")
+        print(f"{'layer':>5}  {'picked':>7}  {'place':>5}  {'mass mean':>9}  {'mass best':>9}")
+        for layer, (picked, place, mass) in enumerate(rows):
+            print(f"{layer:>5}  {picked:>7}  {place:>5}  {mass.mean():>9.3f}  {mass.max():>9.3f}")
+        if picks:
+            g = (prompt.shape[1] - 1) // model.chunk_size
+            scored = [c[(c > 0) & (c < g - model.local_chunks + 1)] for c in picks]
+            print(scored_slots(scored, where, model.chunk_size))
+            if plot_file:
+                plot(picks, [mass for *_, mass in rows], where, model.chunk_size, g, plot_file)
         print("next token: " + ", ".join(f"{tok.decode([i])!r} {v:.2f}" for v, i in zip(*top5)))
 
 
 def inspect(model, ids, key_tokens):
-    """One prefill; per layer (picked, rank, mass per head) for the final query; the top-5 logits."""
+    """One prefill. Per layer, for the final query: (picked, place, mass per head) and, past the
+    first K chunks, the chunks (H, K) each head read; and the top-5 next-token logits."""
     finals, hooks = {}, []
     caches = model.new_caches(1, ids.shape[1])
+    keep = lambda i: lambda module, args: finals.__setitem__(i, args[0][0, :, -1])  # (H, D)
     for i, cache in enumerate(caches):  # keep each layer's last query of the prefill
-        hooks.append(cache.register_forward_pre_hook(lambda m, a, i=i: finals.__setitem__(i, a[0][0, :, -1])))
+        hooks.append(cache.register_forward_pre_hook(keep(i)))
     try:
         logits = model.lm_head(model.hidden(ids, caches)[:, -1])[0]  # (vocab,)
     finally:
         for h in hooks:
             h.remove()
-    t, rows, slots = ids.shape[1] - 1, [], []
+    t, rows, picks = ids.shape[1] - 1, [], []
     for i, cache in enumerate(caches):
         weights = final_weights(cache, finals[i], t)  # (H, t + 1)
-        picked, rank = key_chunk_rank(cache, finals[i], t, key_tokens)
-        rows.append((picked, rank, weights[:, key_tokens].sum(-1)))
+        picked, place = key_chunk_place(cache, finals[i], t, key_tokens)
+        rows.append((picked, place, weights[:, key_tokens].sum(-1)))
         if isinstance(cache, LongHeadsCache) and t // cache.w >= cache.K:
-            chunks = selection(cache, finals[i], t)  # (H, K)
-            slots.append(chunks[(chunks > 0) & (chunks < t // cache.w - 1)])  # the scored ones
+            picks.append(selection(cache, finals[i], t))  # (H, K)
     top = logits.float().topk(5)
-    return rows, slots, (top.values.tolist(), top.indices.tolist())
+    return rows, picks, (top.values.tolist(), top.indices.tolist())
+
+
+def plot(picks, masses, key_tokens, w, g, file):
+    """Layers x heads rows, chunks 0..g as columns: what the final query read, the key's chunk
+    marked; beside it the attention mass on the key's digits per layer (mean and best head)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    L, H = len(picks), picks[0].shape[0]
+    grid = torch.zeros(L * H, g + 1)  # (layer-heads, chunks): 2 read; 1, 3 the key's, 3 read
+    grid.scatter_(1, torch.cat(picks).cpu(), 2.0)
+    key_chunks = sorted({u // w for u in key_tokens})
+    grid[:, key_chunks] += 1
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 7), sharey=True,
+                                 gridspec_kw=dict(width_ratios=[4, 1]))
+    cmap = matplotlib.colors.ListedColormap(["white", "mistyrose", "tab:blue", "tab:red"])
+    ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=3.5, aspect="auto", interpolation="nearest",
+              extent=(-0.5, g + 0.5, L, 0))
+    ax.set(xlabel=f"chunk ({w} tokens each); blue: read; red: the key's chunk, read (pale: not)",
+           ylabel=f"layer ({H} heads each)", title="chunks each head reads for the answering query")
+    mass = torch.stack([m.float().cpu() for m in masses])  # (L, H)
+    y = torch.arange(L) + 0.5
+    bx.barh(y, mass.max(-1).values, height=0.8, color="tab:orange", label="best head")
+    bx.barh(y, mass.mean(-1), height=0.8, color="tab:red", label="mean over heads")
+    bx.set(xlabel="attention on the key's digits", xlim=(0, 1))
+    bx.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(file + ".tmp.png")
+    os.replace(file + ".tmp.png", file)
 
 
 def scored_slots(slots, key_tokens, w, shown=8):
     """One line: how many distinct chunks fill the final query's scored slots, the most frequent."""
-    counts = torch.cat(slots).bincount()  # (chunks,): slots filled by each chunk, over layers and heads
+    counts = torch.cat(slots).bincount()  # (chunks,): slots each chunk fills over layers, heads
     key_chunks = {u // w for u in key_tokens}
     top = counts.topk(min(shown, int((counts > 0).sum())))
     most = ", ".join(f"{c}{' (key)' if c in key_chunks else ''} x{n}"
@@ -70,22 +108,25 @@ def scored_slots(slots, key_tokens, w, shown=8):
 
 
 def final_weights(cache, q, t):
-    """Attention weights (H, t + 1) of query t, q (H, D) before RoPE, as this cache computes them."""
+    """Attention weights (H, t + 1) of query t, q (H, D) before RoPE, as the cache computes them."""
     H, D = q.shape
     if not isinstance(cache, LongHeadsCache):  # full attention: keys are stored at true positions
         cos, sin = rope_cos_sin(cache.inv_freq, torch.tensor([t], device=q.device))
-        k = cache.k[0, :, :t + 1].repeat_interleave(H // cache.k.shape[1], dim=0).float()  # (H, t + 1, D)
+        G = H // cache.k.shape[1]
+        k = cache.k[0, :, :t + 1].repeat_interleave(G, dim=0).float()  # (H, t + 1, D)
         logits = (k @ apply_rope(q.float(), cos, sin)[:, :, None]).squeeze(-1)  # (H, t + 1)
         return torch.softmax(logits / math.sqrt(D), dim=-1)
     w, chunks = cache.w, selection(cache, q, t)  # (H, n_sel), in layout order
     rank = torch.full((H, t // w + 1), -1, device=q.device)
     rank.scatter_(1, chunks, torch.arange(chunks.shape[1], device=q.device).expand_as(chunks))
-    r = rank[:, torch.arange(t + 1, device=q.device) // w]  # (H, t + 1): each token's chunk rank, -1 unread
-    # DESIGN §3: the chunk of rank r sits at r * w + offset; stored keys are rotated to the offset
+    # (H, t + 1): the rank of each token's chunk, -1 where it is not read
+    r = rank[:, torch.arange(t + 1, device=q.device) // w]
+    # DESIGN.md §3: the chunk of rank r sits at r * w + offset; stored keys are rotated to the offset
     k = cache.k[0, :, :t + 1].repeat_interleave(cache.groups, dim=0).float()  # (H, t + 1, D)
     k = apply_rope(k, cache.cos[r.clamp(min=0) * w].float(), cache.sin[r.clamp(min=0) * w].float())
     p = (chunks.shape[1] - 1) * w + t % w  # the query's position
-    logits = (k @ apply_rope(q.float(), cache.cos[p].float(), cache.sin[p].float())[:, :, None]).squeeze(-1)
+    qr = apply_rope(q.float(), cache.cos[p].float(), cache.sin[p].float())  # (H, D)
+    logits = (k @ qr[:, :, None]).squeeze(-1)  # (H, t + 1)
     return torch.softmax((logits / math.sqrt(D)).masked_fill(r < 0, float("-inf")), dim=-1)
 
 
@@ -105,8 +146,8 @@ def query_scores(cache, q, t):
     return cache.scores(qg, t // cache.w - 1).flatten(0, 2)
 
 
-def key_chunk_rank(cache, q, t, key_tokens):
-    """'picked/H' for the final query, and the key chunk's median rank among the candidates."""
+def key_chunk_place(cache, q, t, key_tokens):
+    """'picked/H' for the final query, and the key chunk's median place among the candidates."""
     if not isinstance(cache, LongHeadsCache):
         return "all", "-"
     w, g = cache.w, t // cache.w
@@ -117,5 +158,5 @@ def key_chunk_rank(cache, q, t, key_tokens):
         return f"{int(picked.sum())}/{len(picked)}", "-"  # read anyway: the first K, 0, the newest
     scores = query_scores(cache, q, t).squeeze(1)  # (H, g - 2)
     best = scores[:, [c - 1 for c in candidates]].max(-1).values  # (H,)
-    rank = 1 + (scores > best[:, None]).sum(-1)
-    return f"{int(picked.sum())}/{len(picked)}", int(rank.float().median())
+    place = 1 + (scores > best[:, None]).sum(-1)  # (H,)
+    return f"{int(picked.sum())}/{len(picked)}", int(place.float().median())

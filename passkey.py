@@ -29,7 +29,8 @@ from longheads import BLOCK_SCORES, CHUNK_SIZE, LAYOUT, LAYOUTS, LOCAL_CHUNKS, S
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
         "them. I will quiz you about the important information there.")
-FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+FILLER = (" The grass is green. The sky is blue. The sun is yellow. Here we go. "
+          "There and back again.")
 KEY_LINE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\nWhat is the pass key? The pass key is"
 NEW_TOKENS = 10  # enough for a 5-digit key, one digit per token, and a leading space
@@ -46,7 +47,8 @@ def prompt_parts(tok, length, depth, key, haystack="filler"):
     parts: (the task and the haystack before the key line, the rest). The first part does not
     depend on the key, and the one of a smaller depth is a prefix of it: trials can share its
     prefill. The key line goes between whole filler sentences, or at a line break of the book."""
-    head = tok.encode(TASK) + tok.continuation("\n")  # with BOS where the model's tokenizer adds one
+    # with BOS where the model's tokenizer adds one
+    head = tok.encode(TASK) + tok.continuation("\n")
     key_ids, question = (tok.continuation(s) for s in (KEY_LINE.format(key=key), QUESTION))
     room = length - len(head) - len(key_ids) - len(question)  # tokens of haystack
     if room < 0:
@@ -112,7 +114,8 @@ def run_trials(model, tok, length, trials, device, haystack="filler"):
         start = time.perf_counter()
         with prefill_progress(model, f"{length} tokens"):
             if len(shared) > shared_caches[0].length:
-                model.hidden(torch.tensor([shared[shared_caches[0].length:]], device=device), shared_caches)
+                unshared = torch.tensor([shared[shared_caches[0].length:]], device=device)
+                model.hidden(unshared, shared_caches)
             copy_caches(shared_caches, caches)
             out = model.generate(torch.tensor([rest], device=device), NEW_TOKENS, caches=caches)
         yield depth, key, tok.decode(out[0, len(rest):].tolist()), time.perf_counter() - start
@@ -135,7 +138,8 @@ class prefill_progress:
     def __enter__(self):
         if sys.stderr.isatty():
             for i, layer in enumerate(self.layers):
-                self.hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: self.show(i, a[0])))
+                hook = lambda m, a, o, i=i: self.show(i, a[0])
+                self.hooks.append(layer.register_forward_hook(hook))
 
     def show(self, i, x):
         if x.shape[1] > 1:  # a prefill, not a decoding step
@@ -157,7 +161,8 @@ def bytes_needed(cfg, length, attention, dtype, offload=False):
     tokens = length + NEW_TOKENS
     # keys and values, twice: the filler's caches that trials share and one trial's copy
     cache = 2 * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * tokens * cfg.head_dim * size
-    widths = 4 * cfg.hidden_size + 3 * cfg.intermediate_size + (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+    widths = (4 * cfg.hidden_size + 3 * cfg.intermediate_size
+              + (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim)
     activations = tokens * widths * size
     work = 4 * 4 * BLOCK_SCORES if attention == "longheads" else 0  # a block's scores, a few copies
     if offload and attention == "longheads":
@@ -214,8 +219,9 @@ def check_memory(model, args, kinds, dtype):
             if free is not None and need > free:
                 hint = "" if args.offload or device.type != "cuda" else ", --offload,"
                 raise UsageError(f"--len {max(args.len)} with {attention} attention needs about "
-                                 f"{need / 2**30:.1f} GiB on {where.type}, {free / 2**30:.1f} GiB is "
-                                 f"free: use a shorter length{hint} or a machine with more memory")
+                                 f"{need / 2**30:.1f} GiB on {where.type}, "
+                                 f"{free / 2**30:.1f} GiB is free: use a shorter length{hint} "
+                                 f"or a machine with more memory")
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -238,7 +244,8 @@ def load_model(args):
     from model import Llama
     from tokenizer import Tokenizer
     path = Path(args.model) if args.model else default_model()
-    dtype = torch.bfloat16 if args.dtype is None and args.device.startswith("cuda") else getattr(torch, args.dtype or "float32")
+    dtype = (torch.bfloat16 if args.dtype is None and args.device.startswith("cuda")
+             else getattr(torch, args.dtype or "float32"))
     model = Llama.from_pretrained(path, device=args.device, dtype=dtype, chunk_size=args.chunk_size,
                                   num_chunks=args.num_chunks, offload=args.offload,
                                   layout=args.layout, select=args.select,
@@ -272,23 +279,27 @@ def run_diagnosis(args):
     key = trial_key(args.seed, length, depth, 0)
     prompts = [build_prompt(tok, n, depth, key, args.haystack) for n in (length, short)]
     tensors = [torch.tensor([p], device=args.device) for p in prompts]
-    print(f"key {key} at depth {depth}; LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks} "
-          f"layout={model.layout} select={model.select} local_chunks={model.local_chunks}, "
-          f"{args.haystack}")
-    diagnose(model, tok, tensors[0], key_digits(tok, prompts[0], key), tensors[1], key_digits(tok, prompts[1], key))
+    print(f"key {key} at depth {depth}; LongHeads chunk_size={model.chunk_size} "
+          f"num_chunks={model.num_chunks} layout={model.layout} select={model.select} "
+          f"local_chunks={model.local_chunks}, {args.haystack}")
+    digits = [key_digits(tok, p, key) for p in prompts]
+    diagnose(model, tok, tensors[0], digits[0], tensors[1], digits[1], plot_file=args.plot)
 
 
 def sweep(args):
     model, tok, dtype = load(args)
-    print(f"model {args.model or 'SmolLM2-135M-Instruct'} (trained at {model.config.max_position_embeddings}), "
+    print(f"model {args.model or 'SmolLM2-135M-Instruct'} "
+          f"(trained at {model.config.max_position_embeddings}), "
           f"LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks} "
           f"layout={model.layout} "
           f"select={model.select} local_chunks={model.local_chunks}, haystack {args.haystack}, "
           f"{args.device} {str(dtype)[6:]}")
-    print(f"{'length':>7} {'depth':>5}  {'attention':<9}  {'key':>5}  {'output':<24} {'ok':<3} {'seconds':>7}")
+    print(f"{'length':>7} {'depth':>5}  {'attention':<9}  {'key':>5}  {'output':<24} "
+          f"{'ok':<3} {'seconds':>7}")
     records = []
     for length in args.len:
-        trials = [(depth, trial_key(args.seed, length, depth, t)) for depth in args.depths for t in range(args.trials)]
+        trials = [(depth, trial_key(args.seed, length, depth, t))
+                  for depth in args.depths for t in range(args.trials)]
         for attention in attentions(args):
             model.attention = attention
             answers = run_trials(model, tok, length, trials, args.device, args.haystack)
@@ -335,11 +346,14 @@ def plot(records, file):
     import matplotlib.pyplot as plt
     kinds = sorted({r["attention"] for r in records})
     lengths, depths = sorted({r["length"] for r in records}), sorted({r["depth"] for r in records})
-    fig, axes = plt.subplots(1, len(kinds), figsize=(1.2 * len(lengths) * len(kinds) + 2, 0.5 * len(depths) + 2), squeeze=False)
+    figsize = (1.2 * len(lengths) * len(kinds) + 2, 0.5 * len(depths) + 2)
+    fig, axes = plt.subplots(1, len(kinds), figsize=figsize, squeeze=False)
     for ax, kind in zip(axes[0], kinds):
-        cells = [[[r["correct"] for r in records if (r["attention"], r["length"], r["depth"]) == (kind, n, d)]
+        cells = [[[r["correct"] for r in records
+                   if (r["attention"], r["length"], r["depth"]) == (kind, n, d)]
                   for n in lengths] for d in depths]  # (depths, lengths) lists of outcomes
-        ax.imshow([[mean(c) for c in row] for row in cells], cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        ax.imshow([[mean(c) for c in row] for row in cells], cmap="RdYlGn", vmin=0, vmax=1,
+                  aspect="auto")
         for i, row in enumerate(cells):
             for j, c in enumerate(row):
                 if c:  # a blank cell was not run
@@ -372,7 +386,8 @@ def add_longheads_args(p):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="a Hugging Face Llama directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model",
+                   help="a Hugging Face Llama directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--len", type=int, nargs="+", default=[4096], help="prompt lengths in tokens")
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                    help="where the key sits, as fractions of the filler")
@@ -380,9 +395,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention", choices=["longheads", "full", "both"], default="longheads")
     p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
-    p.add_argument("--num-chunks", type=int, help="chunks per head (default: trained length / chunk size)")
+    p.add_argument("--num-chunks", type=int,
+                   help="chunks per head (default: trained length / chunk size)")
     p.add_argument("--layout", choices=LAYOUTS, default=LAYOUT,
-                   help="order of a head's picked chunks: the paper's (position) or best nearest the query (score)")
+                   help="order of a head's picked chunks: the paper's (position) or best "
+                   "nearest the query (score)")
     add_longheads_args(p)
     p.add_argument("--haystack", choices=["filler", "book"], default="filler",
                    help="what the key hides in: the repeated filler (the paper's test) or War "
@@ -391,11 +408,14 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--offload", action="store_true",
-                   help="keep LongHeads' keys and values in pinned CPU memory (CUDA): longer contexts")
-    p.add_argument("--diagnose", action="store_true", help="look inside one trial (the first length and "
-                   "depth): which heads pick the key, their attention on it, the top-5 next tokens")
+                   help="keep LongHeads' keys and values in pinned CPU memory (CUDA): longer "
+                   "contexts")
+    p.add_argument("--diagnose", action="store_true",
+                   help="look inside one trial (the first length and depth): which heads pick "
+                   "the key, their attention on it, the top-5 next tokens")
     p.add_argument("--json", help="write one record per trial to this file")
-    p.add_argument("--plot", help="write a depth x length accuracy heatmap (PNG; needs matplotlib)")
+    p.add_argument("--plot", help="write a depth x length accuracy heatmap (PNG; needs "
+                   "matplotlib); with --diagnose, the chunks every layer and head read")
     return p.parse_args(argv)
 
 
@@ -408,7 +428,8 @@ def main(argv=None):
         print(f"passkey.py: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("\npasskey.py: interrupted (--json holds the trials finished so far)", file=sys.stderr)
+        print("\npasskey.py: interrupted (--json holds the trials finished so far)",
+              file=sys.stderr)
         sys.exit(130)
 
 

@@ -103,7 +103,8 @@ def test_all_local_chunks_is_the_masked_sliding_window(attention, problem):
 @PROPERTY
 @given(st.integers(1, 40), st.integers(0, 40), st.integers(1, 2), st.sampled_from([1, 3]),
        st.integers(1, 9), st.integers(0, 2**32 - 1))
-def test_causal_attention_after_a_prefix_is_the_masked_definition(T, prefix, Hkv, G, mask_block, seed):
+def test_causal_attention_after_a_prefix_is_the_masked_definition(T, prefix, Hkv, G,
+                                                                  mask_block, seed):
     """The last T of S queries, in blocks of mask_block, against the plain masked softmax."""
     gen, S = torch.Generator().manual_seed(seed), prefix + T
     q = torch.randn(1, Hkv * G, T, 4, generator=gen, dtype=torch.float64)
@@ -146,7 +147,8 @@ def test_the_copyable_section_runs_alone_and_equals_the_reference():
     section = copyable_section()
     assert len(section) <= 120, len(section)  # short enough to copy and read in one sitting
     namespace = {}
-    exec(compile("import math\nimport torch\n" + "\n".join(section), "copied.py", "exec"), namespace)
+    source = "import math\nimport torch\n" + "\n".join(section)
+    exec(compile(source, "copied.py", "exec"), namespace)
     assert set(namespace) >= {"longheads_attention", "select_chunks", "chunk_summaries"}
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(2, 6, 61, 8, generator=gen, dtype=torch.float64)
@@ -180,7 +182,8 @@ def test_prefill_equals_stepwise_decoding(problem, data):
     cuts = [0, prefix]
     while cuts[-1] < T:  # single decoding steps, with now and then a piece of several tokens
         cuts.append(min(T, cuts[-1] + data.draw(st.sampled_from([1, 1, 1, 2, 5]), label="piece")))
-    outs = [cache(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e]) for s, e in zip(cuts, cuts[1:]) if e > s]
+    outs = [cache(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e])
+            for s, e in zip(cuts, cuts[1:]) if e > s]
     torch.testing.assert_close(torch.cat(outs, dim=2), longheads_attention(q, k, v, **opts))
 
 
@@ -325,7 +328,8 @@ CHECKPOINTS = {  # name: transformers LlamaConfig arguments and save_pretrained 
     "mha": (dict(num_key_value_heads=4), {}),
     "gqa-sharded": (dict(num_key_value_heads=2), dict(max_shard_size="30KB")),
     "tied": (dict(num_key_value_heads=1, tie_word_embeddings=True), {}),
-    "linear-rope": (dict(num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 4.0}), {}),
+    "linear-rope": (dict(num_key_value_heads=2,
+                         rope_scaling={"rope_type": "linear", "factor": 4.0}), {}),
 }
 DYNAMIC = (dict(num_key_value_heads=2, max_position_embeddings=16,
                 rope_scaling={"rope_type": "dynamic", "factor": 2.0}), {})
@@ -365,7 +369,8 @@ def test_logits_and_greedy_tokens_match_transformers(checkpoint):
     ids = torch.randint(0, 101, (2, 37), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=0)
-    expected = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
     assert torch.equal(model.generate(ids, max_new_tokens=12), expected)
 
 
@@ -385,7 +390,8 @@ def test_dynamic_rope_logits_match_transformers(tmp_path):
     hf = save_checkpoint("dynamic-rope", tmp_path)
     ids = torch.randint(0, 101, (1, 37), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        torch.testing.assert_close(Llama.from_pretrained(tmp_path)(ids), hf(ids).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(Llama.from_pretrained(tmp_path)(ids), hf(ids).logits,
+                                   atol=1e-4, rtol=0)
 
 
 class ReferenceAttention(torch.nn.Module):
@@ -396,7 +402,8 @@ class ReferenceAttention(torch.nn.Module):
         self.inv_freq, self.opts = inv_freq, opts
 
     def forward(self, q, k, v):
-        return longheads_reference(q.double(), k.double(), v.double(), rope=self.inv_freq, **self.opts).float()
+        return longheads_reference(q.double(), k.double(), v.double(), rope=self.inv_freq,
+                                   **self.opts).float()
 
 
 @pytest.mark.parametrize("layout, select, local", [(layout, "summary", 2) for layout in LAYOUTS]
@@ -435,9 +442,13 @@ def test_both_rope_spellings_load_the_same_model(tmp_path, checkpoint):
     config = json.loads((path / "config.json").read_text())
     rope = rope_settings(config)
     scaling = {"type": rope["rope_type"], "factor": rope["rope_factor"]}
-    config = {k: v for k, v in config.items() if k not in ("rope_parameters", "rope_scaling", "rope_theta")}
-    classic = {**config, "rope_theta": rope["rope_theta"], "rope_scaling": None if rope["rope_type"] == "default" else scaling}
-    new = {**config, "rope_parameters": {"rope_type": rope["rope_type"], "rope_theta": rope["rope_theta"], "factor": rope["rope_factor"]}}
+    config = {k: v for k, v in config.items()
+              if k not in ("rope_parameters", "rope_scaling", "rope_theta")}
+    classic = {**config, "rope_theta": rope["rope_theta"],
+               "rope_scaling": None if rope["rope_type"] == "default" else scaling}
+    new = {**config, "rope_parameters": {"rope_type": rope["rope_type"],
+                                         "rope_theta": rope["rope_theta"],
+                                         "factor": rope["rope_factor"]}}
     ids = torch.randint(0, 101, (1, 20))
     with torch.no_grad():
         a = Llama.from_pretrained(copy_checkpoint(path, tmp_path / "classic", classic))(ids)
@@ -450,22 +461,27 @@ def test_tying_follows_the_config_or_a_missing_output_layer(tmp_path, mha_checkp
     config = json.loads((mha_checkpoint / "config.json").read_text())
     untied = Llama.from_pretrained(mha_checkpoint)
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
-    tied = Llama.from_pretrained(copy_checkpoint(mha_checkpoint, tmp_path, {**config, "tie_word_embeddings": True}))
+    tied = Llama.from_pretrained(copy_checkpoint(mha_checkpoint, tmp_path,
+                                                 {**config, "tie_word_embeddings": True}))
     assert tied.lm_head.weight is tied.model.embed_tokens.weight  # the stored lm_head is ignored
 
 
 def test_longheads_in_bfloat16_stays_close_to_float64():
     """Half precision: summaries and softmax run in float32, the rest in bfloat16."""
     gen = torch.Generator().manual_seed(6)
-    q, k, v = torch.randn(1, 4, 70, 16, generator=gen), torch.randn(1, 2, 70, 16, generator=gen), torch.randn(1, 2, 70, 16, generator=gen)
+    q = torch.randn(1, 4, 70, 16, generator=gen)
+    k, v = (torch.randn(1, 2, 70, 16, generator=gen) for _ in range(2))
     opts = dict(chunk_size=8, num_chunks=4)
     exact = longheads_attention(q.double(), k.double(), v.double(), **opts)
     half = tiled_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), **opts)
     assert half.dtype == torch.bfloat16 and (half.double() - exact).abs().max() < 0.05
     cache = LongHeadsCache(1, 4, 2, 70, 16, dtype=torch.bfloat16, **opts)
     steps = [cache(q[:, :, :20].bfloat16(), k[:, :, :20].bfloat16(), v[:, :, :20].bfloat16())]
-    steps += [cache(q[:, :, t:t + 1].bfloat16(), k[:, :, t:t + 1].bfloat16(), v[:, :, t:t + 1].bfloat16()) for t in range(20, 70)]
-    assert (torch.cat(steps, 2).double() - half.double()).abs().max() < 0.02  # a bfloat16 ulp or two
+    steps += [cache(q[:, :, t:t + 1].bfloat16(), k[:, :, t:t + 1].bfloat16(),
+                    v[:, :, t:t + 1].bfloat16())
+              for t in range(20, 70)]
+    # a bfloat16 ulp or two
+    assert (torch.cat(steps, 2).double() - half.double()).abs().max() < 0.02
 
 
 def test_dtype_argument_converts_weights(checkpoint):
@@ -487,11 +503,14 @@ def copy_checkpoint(src, dst, config=None):
 @pytest.mark.parametrize("change, message", [
     (lambda c, p: c.update(model_type="mistral"), "model_type='mistral' is not supported"),
     (lambda c, p: c.update(attention_bias=True), "attention_bias=True is not supported"),
-    (lambda c, p: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "rope type 'yarn'"),
+    (lambda c, p: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}),
+     "rope type 'yarn'"),
     (lambda c, p: c.update(num_key_value_heads=1), "k_proj.weight has shape"),
     (lambda c, p: c.update(intermediate_size=64), "mlp.down_proj.weight has shape"),
-    (lambda c, p: c.update(num_hidden_layers=3), "model.layers.2.input_layernorm.weight is missing"),
-    (lambda c, p: c.update(num_hidden_layers=1), "model.layers.1.input_layernorm.weight is not part"),
+    (lambda c, p: c.update(num_hidden_layers=3),
+     "model.layers.2.input_layernorm.weight is missing"),
+    (lambda c, p: c.update(num_hidden_layers=1),
+     "model.layers.1.input_layernorm.weight is not part"),
     (lambda c, p: (p / "model.safetensors").write_bytes(b"garbage"), "not a readable safetensors"),
     (lambda c, p: (p / "model.safetensors").unlink(), "no model.safetensors"),
     (lambda c, p: (p / "config.json").write_text("{"), "config.json is not valid JSON"),
@@ -518,14 +537,17 @@ def test_missing_directory_is_one_clear_error(tmp_path):
 # ----------------------------------------------------------------------------- the tokenizer
 
 TEXT = ["The grass is green. The sky is blue. The sun is yellow.", "The pass key is 12345.",
-        "Remember it. 12345 is the pass key.", "What is the pass key? Here we go. There and back again."]
+        "Remember it. 12345 is the pass key.",
+        "What is the pass key? Here we go. There and back again."]
 
 
 def test_sentencepiece_tokenizer_round_trips(tmp_path):
     import sentencepiece
     from tokenizer import Tokenizer
-    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(TEXT * 50), model_prefix=str(tmp_path / "tokenizer"),
-                                             vocab_size=40, bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(TEXT * 50),
+                                             model_prefix=str(tmp_path / "tokenizer"),
+                                             vocab_size=40, bos_id=1, eos_id=2, unk_id=0,
+                                             minloglevel=2)
     tok = Tokenizer(tmp_path)
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 40)
     for text in TEXT:
@@ -539,8 +561,10 @@ def test_sentencepiece_continuation_has_no_stray_space(tmp_path):
     must not start with an extra lone one."""
     import sentencepiece
     from tokenizer import Tokenizer
-    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(TEXT * 50), model_prefix=str(tmp_path / "tokenizer"),
-                                             vocab_size=40, add_dummy_prefix=True, remove_extra_whitespaces=False,
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(TEXT * 50),
+                                             model_prefix=str(tmp_path / "tokenizer"),
+                                             vocab_size=40, add_dummy_prefix=True,
+                                             remove_extra_whitespaces=False,
                                              bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
     tok = Tokenizer(tmp_path)
     whole = tok.encode(TEXT[0] + " " + TEXT[1], bos=False)
@@ -553,13 +577,16 @@ def test_json_tokenizer_round_trips_with_special_ids_from_its_config(tmp_path):
     bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
     bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = tokenizers.decoders.ByteLevel()
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
     trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+                                             initial_alphabet=alphabet)
     bpe.train_from_iterator(TEXT * 20, trainer)
     bpe.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    special_tokens = {"bos_token": "<s>", "eos_token": "</s>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(special_tokens))
     tok = Tokenizer(tmp_path / "tokenizer.json")
-    assert (tok.bos_id, tok.eos_id) == (0, 1) and tok.encode("hi")[0] != 0  # no post-processor: no BOS
+    assert (tok.bos_id, tok.eos_id) == (0, 1)
+    assert tok.encode("hi")[0] != 0  # no post-processor: no BOS
     for text in TEXT + ["ünïcødé 42 !"]:
         assert tok.decode(tok.encode(text)) == text
     assert tok.encode("hi", bos=True)[0] == 0
@@ -576,9 +603,11 @@ def test_diagnose_weights_are_the_attention_the_cache_computes(T):
     from diagnose import final_weights
     from model import KVCache
     gen = torch.Generator().manual_seed(T)
-    q, k, v = torch.randn(1, 4, T, 8, generator=gen), torch.randn(1, 2, T, 8, generator=gen), torch.randn(1, 2, T, 8, generator=gen)
+    q = torch.randn(1, 4, T, 8, generator=gen)
+    k, v = (torch.randn(1, 2, T, 8, generator=gen) for _ in range(2))
     for cache in [LongHeadsCache(1, 4, 2, T, 8, chunk_size=8, num_chunks=5),
-                  KVCache(1, 4, 2, T, 8, inv_freq=rope_inv_freq(8), dtype=torch.float32, device="cpu")]:
+                  KVCache(1, 4, 2, T, 8, inv_freq=rope_inv_freq(8), dtype=torch.float32,
+                          device="cpu")]:
         out = cache(q, k, v)[0, :, -1]  # (H, D): the final query's output
         weights = final_weights(cache, q[0, :, -1], T - 1)  # (H, T)
         expected = (weights[:, None, :] @ v[0].repeat_interleave(2, dim=0)).squeeze(1)  # (H, D)

@@ -139,10 +139,12 @@ def test_passkey_end_to_end_through_the_cli(smollm2, tmp_path):
 
 
 @needs_model
-def test_diagnose_prints_every_layer_for_both_attentions(smollm2):
+def test_diagnose_prints_every_layer_for_both_attentions(smollm2, tmp_path):
+    plot = pytest.importorskip("matplotlib") and str(tmp_path / "chunks.png")
     out = run_cli("--diagnose", "--len", "2048", "--depths", "0.5", "--chunk-size", "128",
-                  "--num-chunks", "8")
+                  "--num-chunks", "8", "--plot", plot)
     assert out.returncode == 0, out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["chunks.png"]
     layers = 30  # SmolLM2-135M
     assert len(re.findall(r"^\s+\d+\s+\d+/9\s+(\d+|-)\s+[\d.]+\s+[\d.]+$",
                           out.stdout, re.M)) == layers
@@ -186,6 +188,17 @@ def test_impossible_lengths_are_one_line_and_exit_2(smollm2, args, message):
 def run_cli(*args):
     return subprocess.run([sys.executable, "passkey.py", *args], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_diagnose_plot_draws_each_layer_and_head(tmp_path):
+    pytest.importorskip("matplotlib")
+    import diagnose
+    gen = torch.Generator().manual_seed(0)
+    picks = [torch.randperm(40, generator=gen)[:6].view(1, 6).expand(3, 6) for _ in range(4)]
+    masses = [torch.rand(3, generator=gen) for _ in range(4)]  # (H,) per layer
+    diagnose.plot(picks, masses, [130, 131], 16, 39, str(tmp_path / "chunks.png"))
+    assert (tmp_path / "chunks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["chunks.png"]
 
 
 def test_plot_writes_a_heatmap_png_atomically(tmp_path):
