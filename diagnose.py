@@ -121,7 +121,7 @@ def final_weights(cache, q, t):
     rank.scatter_(1, chunks, torch.arange(chunks.shape[1], device=q.device).expand_as(chunks))
     # (H, t + 1): the rank of each token's chunk, -1 where it is not read
     r = rank[:, torch.arange(t + 1, device=q.device) // w]
-    # DESIGN.md §3: the chunk of rank r sits at r * w + offset; stored keys are rotated to the offset
+    # DESIGN.md §3: rank r sits at r * w + offset; stored keys are rotated to the offset
     k = cache.k[0, :, :t + 1].repeat_interleave(cache.groups, dim=0).float()  # (H, t + 1, D)
     k = apply_rope(k, cache.cos[r.clamp(min=0) * w].float(), cache.sin[r.clamp(min=0) * w].float())
     p = (chunks.shape[1] - 1) * w + t % w  # the query's position

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 # ============================================================================ copy from here
 # The function to copy into a model, with everything it calls: it needs math and torch only.
-
 CHUNK_SIZE = 256  # the defaults, the same in every entry point (RESULTS.md says why)
 LAYOUT = "position"  # picked chunks keep their original order (the paper's)
 SELECT = "summary"  # a candidate chunk is scored by its summary key (the paper's)
@@ -126,23 +125,24 @@ def longheads_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
         if g < K:  # chunks 0..g all fit, the own one at rank K - 1: true distances (< 0: empty)
             ids = torch.arange(g + 1 - K, g + 1, device=dev).expand(B, Hkv, G, w, K)
         else:
-            keys = kc[:, :, 0, :g].flatten(2, 3)  # (B, Hkv, g * w, D), read by "maxkey" only
-            scores = candidate_scores(qc[..., g, :, :], summaries[..., :g, :], keys,
-                                      (cos[w], sin[w]), select)  # (B, Hkv, G, w, g - 1)
+            scores = candidate_scores(qc[..., g, :, :], summaries[..., :g, :],  # keys: maxkey's
+                                      kc[:, :, 0, :g].flatten(2, 3), (cos[w], sin[w]), select)
             ids = select_chunks(scores, torch.full((w,), g, device=dev), K, layout, local_chunks)
         read = torch.zeros(B, Hkv, G, g + 1, dtype=torch.bool, device=dev)  # picked by any query
         read.scatter_(-1, ids.clamp(min=0).flatten(-2), True)  # (ids: (B, Hkv, G, w, K))
         U = int(read.sum(-1).max())
-        union = read.sort(dim=-1, descending=True, stable=True).indices[..., :U]  # (B, Hkv, G, U)
+        # the chunks the block reads, newest first: the own chunk g in slot 0, then unread padding
+        union = g - read.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :U]
         match = ids[..., None, :, :] == union[..., None, None]  # (B, Hkv, G, U, w, K)
         pos = (K - 1 - match.int().argmax(-1)) * w + o  # (B, Hkv, G, U, w): query's position
-        qr = apply_rope(qc[..., g, None, :, :], cos[pos], sin[pos])  # (B, Hkv, G, U, w, D)
+        qr = apply_rope(qc[..., g, None, :, :] / math.sqrt(D), cos[pos], sin[pos])  # (.., U, w, D)
         rows = (union + first_row).flatten()  # (B * Hkv * G * U,)
         ku, vu = (x.reshape(-1, w, D)[rows].view(B, Hkv, G, U, w, D) for x in (kc, vc))
-        logits = qr @ ku.transpose(-1, -2) / math.sqrt(D)  # (B, Hkv, G, U, w, w): query x key
-        future = (union == g)[..., None, None] & (o[:, None] < o)  # the own chunk is causal
-        logits = logits.masked_fill(~match.any(-1)[..., None] | future, float("-inf"))
-        p = (logits - logits.amax((-3, -1), keepdim=True)).exp()  # softmax over all U * w keys
+        logits = qr @ ku.transpose(-1, -2)  # (B, Hkv, G, U, w, w): query offset x key offset
+        logits.masked_fill_(~match.any(-1)[..., None], float("-inf"))  # not the query's chunk
+        logits[..., 0, :, :].masked_fill_(o[:, None] < o, float("-inf"))  # own chunk: causal
+        # why detach: the shift cancels out of the softmax, and detached, logits can change in place
+        p = logits.sub_(logits.detach().amax((-3, -1), keepdim=True)).exp_()  # over U * w keys
         out.append((p @ vu).sum(-3) / p.sum((-3, -1))[..., None])  # (B, Hkv, G, w, D)
     return torch.stack(out, -3).view(B, H, n * w, D)[:, :, :T].to(q.dtype)
 
@@ -496,7 +496,7 @@ def longheads_reference(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
                         rope=None, layout=LAYOUT, select=SELECT, local_chunks=LOCAL_CHUNKS):
     """The definition, one query at a time: select chunks, lay them out, rotate, attend.
 
-    Written straight from DESIGN §1-§3, with nothing shared with the fast path but the RoPE
+    Written straight from DESIGN.md §1-§3, with nothing shared with the fast path but the RoPE
     helpers. Slow: a test oracle and a tutorial.
     """
     B, H, T, D = q.shape
