@@ -1,6 +1,6 @@
 """Speed and memory of LongHeads against full attention, as ratios measured in one run.
 
-    python bench.py                                   # 4k, 8k, 16k: about 10 minutes on 2 CPU cores
+    python bench.py                       # 4k, 8k, 16k: about 10 minutes on 2 CPU cores
     python bench.py --lengths 8192 32768 --json bench.json
     python bench.py --shape llama2-7b --device cuda --lengths 8192 32768 131072 --offload
 
@@ -8,11 +8,14 @@ What it measures, each in a fresh subprocess so that its peak memory is its own:
   prefill    wall time and peak memory of one prompt, full attention (SDPA) vs LongHeads, on the
              default model when it is downloaded (else a random Llama of --shape, same cost)
   decode     milliseconds per generated token after a cache of 4k and of 32k tokens (LongHeads)
-  attention  longheads_attention alone on random q/k/v vs SDPA, without the linear layers
+  attention  attention alone on random q/k/v, without the linear layers: SDPA, the tiled path
+             (tiled_attention, what the model runs) and the short longheads_attention
 and the ratios that matter: t(4T) / t(T) (linear is 4, quadratic 16), longheads / full at each
-length, memory(4T) / memory(T), decode(32k) / decode(4k). The machine is shared and noisy, so
-targets are ratios from one run, never absolute times. Every timing follows a short warm-up and
-is the median of --repeat runs (default 1: a 32k prefill takes minutes on a CPU).
+length, memory(4T) / memory(T), decode(32k) / decode(4k), SDPA / tiled and short / tiled.
+LongHeads runs the project's defaults (longheads.py) unless --chunk-size etc. say otherwise.
+The machine is shared and noisy, so targets are ratios from one run, never absolute times.
+Every timing follows a short warm-up and is the median of --repeat runs (default 1: a 32k
+prefill takes minutes on a CPU).
 """
 import argparse
 import json
@@ -27,15 +30,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from longheads import CHUNK_SIZE, SELECT, SELECTS, longheads_attention
+from longheads import (CHUNK_SIZE, SELECT, SELECTS, default_num_chunks, longheads_attention,
+                       tiled_attention)
 from model import Llama, LlamaConfig
 
 SHAPES = {  # random-weight Llamas with the cost of real ones
     "tiny": dict(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048),
-    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
-                    max_position_embeddings=8192, tie_word_embeddings=True),
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                 max_position_embeddings=2048),
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                    num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    head_dim=64, rope_theta=100000.0, max_position_embeddings=8192,
+                    tie_word_embeddings=True),
     "llama2-7b": {},  # LlamaConfig's defaults
 }
 WARMUP_TOKENS = 512  # one short prefill first: one-time setup costs stay out of the timings
@@ -56,7 +62,7 @@ def load(args, mode):
         return Llama.from_pretrained(path, device=args.device, dtype=dtype, **opts), path
     with torch.device("meta"):
         model = Llama(LlamaConfig(**SHAPES[args.shape or "smollm2"]), **opts)
-    model = model.to(dtype).to_empty(device=args.device)  # the dtype first: no float32 copy of a 7B
+    model = model.to(dtype).to_empty(device=args.device)  # dtype first: no float32 copy of a 7B
     for name, p in model.named_parameters():
         torch.nn.init.ones_(p) if "norm" in name else torch.nn.init.normal_(p, std=0.02)
     return model.eval(), None
@@ -65,7 +71,8 @@ def load(args, mode):
 def prompt(path, model, length):
     """A passkey prompt when the tokenizer is there (real text sets what LongHeads selects)."""
     if path is None:
-        return torch.randint(model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        return torch.randint(model.config.vocab_size, (1, length), generator=gen)
     from passkey import build_prompt
     from tokenizer import Tokenizer
     return torch.tensor([build_prompt(Tokenizer(path), length, 0.5, 61128)])
@@ -87,9 +94,11 @@ def decode_steps(model, length, steps, device):
     for cache in caches:
         for s in range(0, length, 4096):  # the prefill's _store, without its attention
             n = min(4096, length - s)
-            q = torch.randn(1, cfg.num_key_value_heads, cache.groups, n, cfg.head_dim, generator=gen, device=device)
-            kv = torch.randn(2, 1, cfg.num_key_value_heads, n, cfg.head_dim, generator=gen, device=device)
-            cache._store(q.to(cache.k.dtype), kv[0].to(cache.k.dtype), kv[1].to(cache.k.dtype))
+            q = torch.randn(1, cfg.num_key_value_heads, cache.groups, n, cfg.head_dim,
+                            generator=gen, device=device).to(cache.k.dtype)  # (B, Hkv, G, n, D)
+            kv = torch.randn(2, 1, cfg.num_key_value_heads, n, cfg.head_dim,
+                             generator=gen, device=device).to(cache.k.dtype)  # (2, B, Hkv, n, D)
+            cache._store(q, kv[0], kv[1])
     token, times = torch.zeros(1, 1, dtype=torch.long, device=device), []
     for _ in range(steps + 2):
         sync(device)
@@ -101,17 +110,23 @@ def decode_steps(model, length, steps, device):
 
 
 def attention_alone(model, length, chunk_size, num_chunks, device, dtype, repeat):
-    """Seconds of SDPA and of longheads_attention on random q, k, v of the model's head shape."""
+    """Seconds of SDPA, tiled_attention and longheads_attention on random q, k, v of the model's
+    head shape: {"sdpa": s, "tiled": s, "short": s}."""
     cfg, gen = model.config, torch.Generator(device=device).manual_seed(0)
-    shape = lambda heads, n: (1, heads, n, cfg.head_dim)
-    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    lh = lambda q, k, v: longheads_attention(q, k, v, chunk_size=chunk_size, num_chunks=num_chunks,
-                                             rope_theta=cfg.rope_theta)
-    seconds = []
-    for n in (min(length, WARMUP_TOKENS * 4), length):  # a warm-up, then the measurement
-        q = torch.randn(shape(cfg.num_attention_heads, n), generator=gen, device=device, dtype=dtype)
-        k, v = (torch.randn(shape(cfg.num_key_value_heads, n), generator=gen, device=device, dtype=dtype) for _ in range(2))
-        seconds = [timed(lambda: f(q, k, v), device, repeat) for f in (sdpa, lh)]
+    num_chunks = num_chunks or default_num_chunks(cfg.max_position_embeddings, chunk_size)
+    opts = dict(chunk_size=chunk_size, num_chunks=num_chunks, rope_theta=cfg.rope_theta)
+    fns = dict(sdpa=lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                   enable_gqa=True),
+               tiled=lambda q, k, v: tiled_attention(q, k, v, **opts),
+               short=lambda q, k, v: longheads_attention(q, k, v, **opts))
+    new = lambda heads, n: torch.randn(1, heads, n, cfg.head_dim, generator=gen, device=device,
+                                       dtype=dtype)  # (B, heads, T, D)
+    seconds = {}
+    with torch.no_grad():
+        for n in (min(length, WARMUP_TOKENS * 4), length):  # a warm-up, then the measurement
+            q = new(cfg.num_attention_heads, n)
+            k, v = new(cfg.num_key_value_heads, n), new(cfg.num_key_value_heads, n)
+            seconds = {name: timed(lambda: f(q, k, v), device, repeat) for name, f in fns.items()}
     return seconds
 
 
@@ -151,20 +166,22 @@ def measure(args):
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         seconds = timed(lambda: prefill(model, ids), args.device, args.repeat)
-        result = dict(seconds=seconds, peak_bytes=peak_bytes(args.device), work_bytes=peak_bytes(args.device) - base)
+        peak = peak_bytes(args.device)
+        result = dict(seconds=seconds, peak_bytes=peak, work_bytes=peak - base)
     elif kind == "decode":
         result = dict(ms_per_token=decode_steps(model, length, DECODE_STEPS, args.device))
     else:
-        sdpa, lh = attention_alone(model, length, args.attn_chunk_size, args.attn_num_chunks, args.device,
-                                   getattr(torch, args.dtype), args.repeat)
-        result = dict(sdpa_seconds=sdpa, longheads_seconds=lh)
-    print(json.dumps(dict(kind=kind, attention=attention, length=length, model=str(path or args.shape or "smollm2"), **result)))
+        seconds = attention_alone(model, length, args.attn_chunk_size, args.attn_num_chunks,
+                                  args.device, getattr(torch, args.dtype), args.repeat)
+        result = {f"{name}_seconds": s for name, s in seconds.items()}
+    name = str(path or args.shape or "smollm2")
+    print(json.dumps(dict(kind=kind, attention=attention, length=length, model=name, **result)))
 
 
 # ----------------------------------------------------------------------------- the run
 
 def child(args, kind, attention, length):
-    """Run one measurement in a fresh process; a failure (e.g. out of memory) is recorded, not fatal."""
+    """One measurement in a fresh process; a failure (e.g. out of memory) is recorded, not fatal."""
     argv = [sys.executable, __file__, "--one", kind, attention, str(length)] + passthrough(args)
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
@@ -172,17 +189,17 @@ def child(args, kind, attention, length):
         print(f"  {kind} {attention} {length}: failed: {reason}", file=sys.stderr)
         return dict(kind=kind, attention=attention, length=length, error=reason)
     record = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"  {kind} {attention} {length}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items()
-                                                         if isinstance(v, float)), file=sys.stderr)
+    numbers = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
+    print(f"  {kind} {attention} {length}: {numbers}", file=sys.stderr)
     return record
 
 
 def passthrough(args):
     out = ["--device", args.device, "--dtype", args.dtype, "--repeat", str(args.repeat),
            "--chunk-size", str(args.chunk_size), "--select", args.select,
-           "--attn-chunk-size", str(args.attn_chunk_size),
-           "--attn-num-chunks", str(args.attn_num_chunks)]
+           "--attn-chunk-size", str(args.attn_chunk_size)]
     out += ["--num-chunks", str(args.num_chunks)] if args.num_chunks else []
+    out += ["--attn-num-chunks", str(args.attn_num_chunks)] if args.attn_num_chunks else []
     return out + (["--shape", args.shape] if args.shape else [])
 
 
@@ -202,25 +219,29 @@ def run(args):
 
 def ratios(records):
     """The ratios the targets are stated in, from the records of one run."""
-    pre = {(r["attention"], r["length"]): r for r in records if r["kind"] == "prefill" and "error" not in r}
+    ok = [r for r in records if "error" not in r]
+    pre = {(r["attention"], r["length"]): r for r in ok if r["kind"] == "prefill"}
     out = {}
     for attention in ["full", "longheads", "offload"]:
         lengths = sorted(t for a, t in pre if a == attention)
         pairs = [(t, 4 * t) for t in lengths if 4 * t in lengths]
         if pairs:
             t, t4 = pairs[-1]
-            out[f"{attention} t({t4})/t({t})"] = pre[attention, t4]["seconds"] / pre[attention, t]["seconds"]
-            out[f"{attention} mem({t4})/mem({t})"] = pre[attention, t4]["work_bytes"] / max(1, pre[attention, t]["work_bytes"])
+            a, b = pre[attention, t4], pre[attention, t]
+            out[f"{attention} t({t4})/t({t})"] = a["seconds"] / b["seconds"]
+            out[f"{attention} mem({t4})/mem({t})"] = a["work_bytes"] / max(1, b["work_bytes"])
     for (a, t), r in sorted(pre.items()):
         if a != "full" and ("full", t) in pre:
             out[f"{a}/full time at {t}"] = r["seconds"] / pre["full", t]["seconds"]
-    dec = {r["length"]: r["ms_per_token"] for r in records if r["kind"] == "decode" and "error" not in r}
+    dec = {r["length"]: r["ms_per_token"] for r in ok if r["kind"] == "decode"}
     if len(dec) >= 2:
         lo, hi = min(dec), max(dec)
         out[f"decode ms/token {hi}/{lo}"] = dec[hi] / dec[lo]
-    for r in records:
-        if r["kind"] == "attention" and "error" not in r:
-            out[f"attention alone sdpa/longheads at {r['length']}"] = r["sdpa_seconds"] / r["longheads_seconds"]
+    for r in ok:
+        if r["kind"] == "attention":
+            t = r["tiled_seconds"]
+            out[f"attention alone sdpa/tiled at {r['length']}"] = r["sdpa_seconds"] / t
+            out[f"attention alone short/tiled at {r['length']}"] = r["short_seconds"] / t
     return out
 
 
@@ -230,24 +251,28 @@ def table(records, ratio):
         if "error" in r:
             result = "failed: " + r["error"]
         elif r["kind"] == "prefill":
-            result = f"{r['seconds']:.2f} s, peak {r['peak_bytes'] / 2**30:.2f} GiB (+{r['work_bytes'] / 2**30:.2f} GiB)"
+            gib = lambda x: f"{x / 2**30:.2f} GiB"
+            result = f"{r['seconds']:.2f} s, peak {gib(r['peak_bytes'])} (+{gib(r['work_bytes'])})"
         elif r["kind"] == "decode":
             result = f"{r['ms_per_token']:.1f} ms/token"
         else:
-            result = f"SDPA {r['sdpa_seconds']:.2f} s, longheads {r['longheads_seconds']:.2f} s"
+            result = (f"SDPA {r['sdpa_seconds']:.2f} s, tiled {r['tiled_seconds']:.2f} s, "
+                      f"short {r['short_seconds']:.2f} s")
         lines.append(f"| {r['kind']} | {r['attention']} | {r['length']} | {result} |")
-    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in ratio.items()]
+    lines += ["", "| ratio | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in ratio.items()]
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384], help="prefill lengths")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384],
+                   help="prefill lengths")
     p.add_argument("--decode-lengths", type=int, nargs="*", default=[4096, 32768])
     p.add_argument("--attention-lengths", type=int, nargs="*", default=[32768])
     p.add_argument("--full-max", type=int, help="skip full attention above this length")
-    p.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape (default: the "
-                   "downloaded default model, else smollm2)")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape "
+                   "(default: the downloaded default model, else smollm2)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
@@ -257,15 +282,20 @@ def parse_args(argv=None):
                    "(default: the project's, trained length / chunk size)")
     p.add_argument("--select", choices=SELECTS, default=SELECT,
                    help="LongHeads' scoring rule in the model")
-    p.add_argument("--attn-chunk-size", type=int, default=128, help="chunk size for attention alone")
-    p.add_argument("--attn-num-chunks", type=int, default=16, help="chunks per head for attention alone")
-    p.add_argument("--offload", action="store_true", help="also LongHeads with its keys and values in pinned CPU memory (CUDA)")
-    p.add_argument("--repeat", type=int, default=1, help="timed runs per measurement; the median is kept")
+    p.add_argument("--attn-chunk-size", type=int, default=CHUNK_SIZE,
+                   help="chunk size for attention alone")
+    p.add_argument("--attn-num-chunks", type=int,
+                   help="chunks per head for attention alone (default: the project's)")
+    p.add_argument("--offload", action="store_true",
+                   help="also LongHeads with its keys and values in pinned CPU memory (CUDA)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="timed runs per measurement; the median is kept")
     p.add_argument("--json", help="write the records and ratios to this file")
     p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: one measurement
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    if min(args.lengths + args.decode_lengths + args.attention_lengths, default=1) < 1 or args.repeat < 1:
+    lengths = args.lengths + args.decode_lengths + args.attention_lengths
+    if min(lengths, default=1) < 1 or args.repeat < 1:
         p.error("lengths and --repeat must be positive")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available here; use --device cpu")
