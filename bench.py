@@ -2,6 +2,7 @@
 
     python bench.py                       # 4k, 8k, 16k: about 10 minutes on 2 CPU cores
     python bench.py --lengths 8192 32768 --json bench.json
+    python bench.py --lengths --decode-lengths --attention-lengths 32768   # attention alone
     python bench.py --shape llama2-7b --device cuda --lengths 8192 32768 131072 --offload
 
 What it measures, each in a fresh subprocess so that its peak memory is its own:
@@ -266,8 +267,8 @@ def table(records, ratio):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384],
-                   help="prefill lengths")
+    p.add_argument("--lengths", type=int, nargs="*", default=[4096, 8192, 16384],
+                   help="prefill lengths (none: skip the prefills)")
     p.add_argument("--decode-lengths", type=int, nargs="*", default=[4096, 32768])
     p.add_argument("--attention-lengths", type=int, nargs="*", default=[32768])
     p.add_argument("--full-max", type=int, help="skip full attention above this length")

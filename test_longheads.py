@@ -10,6 +10,7 @@ Both fast paths, the short longheads_attention and the tiled LongHeadsCache, are
 Then: our Llama == transformers.LlamaForCausalLM on checkpoints transformers saves, and bad
 checkpoints are one clear error each.
 """
+import doctest
 import inspect
 import json
 import os
@@ -157,6 +158,16 @@ def test_the_copyable_section_runs_alone_and_equals_the_reference():
         opts = dict(chunk_size=4, num_chunks=6, layout=layout, select=select, local_chunks=local)
         torch.testing.assert_close(namespace["longheads_attention"](q, k, v, **opts),
                                    longheads_reference(q, k, v, **opts))
+
+
+def test_the_readme_examples_run_and_print_what_it_shows():
+    """Every ```python block of README.md with >>> prompts is a doctest: its outputs are real."""
+    text = open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8").read()
+    blocks = [b.split("```")[0] for b in text.split("```python\n")[1:]]
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for i, block in enumerate(b for b in blocks if ">>>" in b):
+        runner.run(doctest.DocTestParser().get_doctest(block, {}, f"README {i}", "README.md", 0))
+    assert runner.summarize(verbose=False) == (0, runner.tries) and runner.tries >= 10
 
 
 def test_short_function_gradients_equal_the_reference():
