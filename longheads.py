@@ -362,27 +362,27 @@ class LongHeadsCache(torch.nn.Module):
         q_tiles = qr.new_zeros(len(rows), size, D)  # (n_tiles, size, D)
         q_tiles.index_put_((tile, slot), qr[..., :-1, :].flatten(0, -2))  # pair i -> its slot
         k_tiles, v_tiles = self._chunks(rows)  # (n_tiles, w, D) each: one read of a chunk
-        logits = self._scratch("p", (len(rows), size, w), q_tiles)  # (n_tiles, size, w)
-        torch.bmm(q_tiles, k_tiles.transpose(1, 2), out=logits)
-        # back from (tile, slot) to (query, rank): (B, Hkv, G, b, K - 1) and (..., K - 1, D)
-        peak, mass, out = (x[tile, slot].view(B, Hkv, G, b, K - 1, *x.shape[2:])
-                           for x in partial_softmax(logits, v_tiles))
-        own_peak, own_mass, own_out = self._own_chunk(qr[..., -1, :], s, e)  # rank K - 1
-        peak = torch.cat([peak, own_peak[..., None]], -1)  # (B, Hkv, G, b, K)
-        mass = torch.cat([mass, own_mass[..., None]], -1)  # (B, Hkv, G, b, K)
+        out, lse = attention_lse(q_tiles, k_tiles, v_tiles)  # (n_tiles, size, D), (.., size)
+        # back from (tile, slot) to (query, rank): (B, Hkv, G, b, K - 1, D) and (..., K - 1)
+        out, lse = (x[tile, slot].view(B, Hkv, G, b, K - 1, *x.shape[2:]) for x in (out, lse))
+        own_out, own_lse = self._own_chunk(qr[..., -1, :], s, e)  # rank K - 1
         out = torch.cat([out, own_out[..., None, :]], -2)  # (B, Hkv, G, b, K, D)
-        return merge(peak, mass, out).to(q.dtype)  # (B, Hkv, G, b, D)
+        lse = torch.cat([lse, own_lse[..., None]], -1)  # (B, Hkv, G, b, K)
+        return merge(out, lse).to(q.dtype)  # (B, Hkv, G, b, D)
 
     def _own_chunk(self, q, s, e):
         """Queries s..e-1, q (B, Hkv, G, b, D) rotated for rank K - 1, read their own chunk up to
         themselves, all from one window of keys: from the first query's chunk start to e.
-        Returns partial_softmax's parts, (B, Hkv, G, b) and (B, Hkv, G, b, D)."""
+        Returns attention_lse's out (B, Hkv, G, b, D) and lse (B, Hkv, G, b)."""
+        B, Hkv, G, b, D = q.shape
         lo = s // self.w * self.w  # the window's first key
         t, u = torch.arange(s, e, device=q.device), torch.arange(lo, e, device=q.device)
         k, v = self._span(lo, e)  # (B, Hkv, e - lo, D) each
-        logits = q @ k[:, :, None].transpose(-1, -2)  # (B, Hkv, G, b, e - lo)
         mine = (u // self.w == t[:, None] // self.w) & (u <= t[:, None])  # (b, e - lo)
-        return partial_softmax(logits.masked_fill_(~mine, float("-inf")), v[:, :, None])
+        # the G query heads of a key/value head share its keys: one (G * b)-query problem each
+        out, lse = attention_lse(q.reshape(B * Hkv, G * b, D), k.flatten(0, 1), v.flatten(0, 1),
+                                 mine.repeat(G, 1))  # (B * Hkv, G * b, D), (B * Hkv, G * b)
+        return out.view(B, Hkv, G, b, D), lse.view(B, Hkv, G, b)
 
 
 def tiled_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_theta=10000.0,
@@ -402,22 +402,41 @@ def tiled_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_theta=10
     return cache(q, k, v)
 
 
-def partial_softmax(logits, v):
-    """Softmax attention in pieces that merge later: logits (..., n), v (..., n, D).
+# why a private op: it is SDPA's CPU kernel, fused (no score matrix in memory), and unlike the
+# public function it also returns the log-sum-exp that merging pieces needs
+FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
-    Returns each row's peak (its largest logit) (...), its mass sum(exp(logits - peak)) (...),
-    and its unnormalised output exp(logits - peak) @ v (..., D). Works in place on logits.
+
+def attention_lse(q, k, v, mask=None):
+    """Attention of one piece of keys, and its log-sum-exp, so that pieces merge later.
+
+    q (N, L, D), already scaled; k, v (N, S, D); mask (L, S), True where a query may look, or
+    None. Returns softmax(q k^T) v (N, L, D) and logsumexp(q k^T) (N, L), float32 or wider.
+    On the CPU, one fused kernel; elsewhere the plain computation, which is also its reference.
     """
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in float32+
-    peak = logits.amax(dim=-1, keepdim=True)  # (..., 1)
-    p = logits.sub_(peak).exp_()  # (..., n)
-    return peak.squeeze(-1), p.sum(-1), p.to(v.dtype) @ v
+    wide = torch.promote_types(q.dtype, torch.float32)
+    if q.device.type == "cpu" and FUSED_CPU is not None:
+        bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(
+            ~mask, float("-inf"))  # (L, S): the kernel takes an additive mask of q's dtype
+        out, lse = FUSED_CPU(q[:, None], k[:, None], v[:, None], attn_mask=bias, scale=1.0)
+        return out[:, 0].to(wide), lse[:, 0].to(wide)  # (N, L, D), (N, L)
+    return attention_lse_plain(q, k, v, mask)
 
 
-def merge(peak, mass, out):
-    """Merge m partial softmaxes: peak, mass (..., m), out (..., m, D) -> attention (..., D)."""
-    scale = torch.exp(peak - peak.amax(dim=-1, keepdim=True))  # (..., m): to the largest peak
-    return (scale[..., None] * out).sum(-2) / (scale * mass).sum(-1)[..., None]
+def attention_lse_plain(q, k, v, mask=None):
+    """attention_lse, written out: the fallback, and what the tests hold the fused kernel to."""
+    wide = torch.promote_types(q.dtype, torch.float32)
+    logits = (q @ k.transpose(-1, -2)).to(wide)  # (N, L, S)
+    if mask is not None:
+        logits.masked_fill_(~mask, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # (N, L)
+    return (logits.sub_(lse[..., None]).exp_() @ v.to(wide)), lse  # (N, L, D), (N, L)
+
+
+def merge(out, lse):
+    """Merge m pieces of one softmax: out (..., m, D) and lse (..., m) -> attention (..., D)."""
+    weight = torch.softmax(lse, dim=-1)  # (..., m): each piece's share of the total mass
+    return (weight[..., None] * out).sum(-2)
 
 
 def pack(key, size, num_keys):

@@ -160,6 +160,21 @@ def test_the_copyable_section_runs_alone_and_equals_the_reference():
                                    longheads_reference(q, k, v, **opts))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_attention_lse_equals_the_plain_one(dtype):
+    """The CPU's fused kernel (a private op) against the computation written out, with a mask
+    whose rows see from all keys down to one, as the own chunk's causal window does."""
+    assert longheads.FUSED_CPU is not None, "this torch has no fused CPU kernel: the fast path"
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(5, n, 16, generator=gen, dtype=dtype) for n in (7, 11, 11))
+    mask = torch.arange(11) <= torch.arange(4, 11)[:, None]  # (7, 11)
+    for m in (None, mask):
+        out, lse = longheads.attention_lse(q, k, v, m)
+        want_out, want_lse = longheads.attention_lse_plain(q, k, v, m)
+        torch.testing.assert_close(out, want_out)
+        torch.testing.assert_close(lse, want_lse)
+
+
 def test_the_readme_examples_run_and_print_what_it_shows():
     """Every ```python block of README.md with >>> prompts is a doctest: its outputs are real."""
     text = open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8").read()
