@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from longheads import (CHUNK_SIZE, SELECT, SELECTS, default_num_chunks, longheads_attention,
-                       tiled_attention)
+from longheads import (CHUNK_SIZE, LAYOUT, LAYOUTS, LOCAL_CHUNKS, SELECT, SELECTS,
+                       default_num_chunks, longheads_attention, tiled_attention)
 from model import Llama, LlamaConfig
 
 SHAPES = {  # random-weight Llamas with the cost of real ones
@@ -58,7 +58,8 @@ def load(args, mode):
     path = CACHE / "SmolLM2-135M-Instruct"
     dtype = getattr(torch, args.dtype)
     opts = dict(attention="full" if mode == "full" else "longheads", chunk_size=args.chunk_size,
-                num_chunks=args.num_chunks, offload=mode == "offload", select=args.select)
+                num_chunks=args.num_chunks, offload=mode == "offload", select=args.select,
+                layout=args.layout, local_chunks=args.local_chunks)
     if args.shape is None and (path / "config.json").is_file():
         return Llama.from_pretrained(path, device=args.device, dtype=dtype, **opts), path
     with torch.device("meta"):
@@ -198,6 +199,7 @@ def child(args, kind, attention, length):
 def passthrough(args):
     out = ["--device", args.device, "--dtype", args.dtype, "--repeat", str(args.repeat),
            "--chunk-size", str(args.chunk_size), "--select", args.select,
+           "--layout", args.layout, "--local-chunks", str(args.local_chunks),
            "--attn-chunk-size", str(args.attn_chunk_size)]
     out += ["--num-chunks", str(args.num_chunks)] if args.num_chunks else []
     out += ["--attn-num-chunks", str(args.attn_num_chunks)] if args.attn_num_chunks else []
@@ -283,6 +285,10 @@ def parse_args(argv=None):
                    "(default: the project's, trained length / chunk size)")
     p.add_argument("--select", choices=SELECTS, default=SELECT,
                    help="LongHeads' scoring rule in the model")
+    p.add_argument("--layout", choices=LAYOUTS, default=LAYOUT,
+                   help="LongHeads' order of picked chunks in the model")
+    p.add_argument("--local-chunks", type=int, default=LOCAL_CHUNKS,
+                   help="LongHeads' newest chunks always read, in the model")
     p.add_argument("--attn-chunk-size", type=int, default=CHUNK_SIZE,
                    help="chunk size for attention alone")
     p.add_argument("--attn-num-chunks", type=int,

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 # ============================================================================ copy from here
-# The function to copy into a model, with everything it calls: it needs math and torch only.
 CHUNK_SIZE = 256  # the defaults, the same in every entry point (RESULTS.md says why)
 LAYOUT = "position"  # picked chunks keep their original order (the paper's)
 SELECT = "summary"  # a candidate chunk is scored by its summary key (the paper's)
@@ -69,8 +68,9 @@ def chunk_summaries(q, k, v):
 
 def candidate_scores(q, summaries, keys, rope_w, select=SELECT):
     """§2: scores (B, Hkv, G, b, n - 1) of candidates 1..n-1 for raw queries q (B, Hkv, G, b, D).
-    "summary": q . summary key (summaries (B, Hkv, G, n, D)). "maxkey": the chunk's best key (keys
-    (B, Hkv, n * w, D) at chunk-local positions), q at position w (rope_w: its cos, sin)."""
+    "summary": q . summary key (summaries (B, Hkv, G, n, D)); q is raw, as a candidate's place is
+    not known yet. "maxkey": the chunk's best key (keys (B, Hkv, n * w, D) at chunk-local
+    positions), q at position w, so distances are 1..w (rope_w: its cos, sin)."""
     n = summaries.shape[-2]
     if select == "summary":
         return q.to(summaries.dtype) @ summaries[..., 1:, :].transpose(-1, -2)  # (..., b, n - 1)
@@ -80,16 +80,15 @@ def candidate_scores(q, summaries, keys, rope_w, select=SELECT):
 
 
 def select_chunks(scores, chunks, num_chunks, layout=LAYOUT, local_chunks=LOCAL_CHUNKS):
-    """§2: the K = num_chunks chunks each query reads, in rank order: (..., b, K). scores: (..., b,
-    n - 1); chunks: (b,) each query's chunk g >= K. Chunk 0, the best K - 1 - local_chunks of
-    candidates 1..g-local_chunks (layout "position": in chunk order; "score": best last), and
-    the local_chunks newest chunks up to g."""
+    """§2: the K chunks (..., b, K) each query reads, in rank order, given scores (..., b, n - 1)
+    and chunks (b,), each query's chunk g >= K: chunk 0, the best K - 1 - local_chunks of chunks
+    1..g-local_chunks (layout "position": in chunk order; "score": best last), the newest to g."""
     candidate = torch.arange(1, scores.shape[-1] + 1, device=scores.device)  # (n - 1,)
-    future = candidate > chunks[:, None] - local_chunks  # (b, n - 1): newest or not yet there
+    barred = candidate > chunks[:, None] - local_chunks  # (b, n - 1): newest or not yet there
     # why a stable sort, not topk: equal scores are common (repeated text), and the earlier
     # chunk must win every time, as in the reference
-    ranked = scores.masked_fill(future, float("-inf")).sort(dim=-1, descending=True, stable=True)
-    best = ranked.indices[..., :num_chunks - 1 - local_chunks] + 1  # (..., b, K'), best first
+    ranked = scores.masked_fill(barred, float("-inf")).sort(dim=-1, descending=True, stable=True)
+    best = ranked.indices[..., :num_chunks - 1 - local_chunks] + 1  # (..., b, K - 1 - local)
     best = best.sort(dim=-1).values if layout == "position" else best.flip(-1)
     newest = chunks[:, None] - torch.arange(local_chunks - 1, -1, -1, device=chunks.device)
     newest = newest.expand(*best.shape[:-1], local_chunks)  # (..., b, local_chunks)
@@ -100,22 +99,22 @@ def longheads_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
                         rope=None, layout=LAYOUT, select=SELECT, local_chunks=LOCAL_CHUNKS):
     """Causal LongHeads attention: q (B, H, T, D), k, v (B, Hkv, T, D), before RoPE -> (B, H, T, D).
 
-    num_chunks: K, with K * chunk_size <= the trained length (the paper: equal). rope: None (base
-    rope_theta), inverse frequencies (D/2,) or (cos, sin) tables of >= K * w rows (scaled RoPE).
-    A chunk's queries read, as one block, the union of the chunks they picked (memory linear in
-    T), each masked to its own K. Autograd works; the selection itself has no gradient."""
+    K = num_chunks, K * chunk_size <= trained length; rope: None (rope_theta), inverse frequencies
+    (D/2,) or (cos, sin) of >= K * w rows. Memory is linear in T; autograd works."""
     B, H, T, D = q.shape
     Hkv, w, K, dev = k.shape[1], chunk_size, num_chunks, q.device
-    G, n = H // Hkv, -(-T // w)  # query heads per key/value head; chunks, the last maybe partial
-    if k.shape != v.shape or k.shape[2] != T or H % Hkv or not 2 <= local_chunks < K:
-        raise ValueError(f"need k, v (B, Hkv, T, D) with H % Hkv == 0 and 2 <= local_chunks < "
-                         f"num_chunks; got q {tuple(q.shape)}, k {tuple(k.shape)}, K = {K}")
+    G, n = H // Hkv, -(-T // w)  # query head h reads kv head h // G; chunks, the last partial
+    if (k.shape != v.shape or k.shape[2] != T or H % Hkv or not 2 <= local_chunks < K
+            or layout not in ("position", "score") or select not in ("summary", "maxkey")):
+        raise ValueError(f"need k, v (B, Hkv, T, D), H % Hkv == 0, 2 <= local_chunks < K, a known"
+                         f" layout, select; got {tuple(q.shape)}, {tuple(k.shape)}, K = {K}, "
+                         f"local_chunks = {local_chunks}, {layout!r}, {select!r}")
     dt = torch.promote_types(q.dtype, torch.float32)  # work in float32 or wider
     cos, sin = rope if isinstance(rope, tuple) else rope_cos_sin(
         rope_inv_freq(D, rope_theta) if rope is None else rope, torch.arange(K * w), dt)
     cos, sin = cos[:K * w].to(dev, dt), sin[:K * w].to(dev, dt)  # (K * w, D): every position
     pad = lambda x: torch.cat([x.to(dt), x.new_zeros(*x.shape[:2], n * w - T, D, dtype=dt)], 2)
-    qc = pad(q).view(B, Hkv, G, n, w, D)
+    qc = pad(q).view(B, Hkv, G, n, w, D)  # zero-padded to n * w tokens, cut into chunks
     kc, vc = (pad(x).view(B, Hkv, 1, n, w, D) for x in (k, v))
     kc = apply_rope(kc, cos[:w], sin[:w])  # §3: keys rotated once, to their offset in the chunk
     summaries = chunk_summaries(apply_rope(qc, cos[:w], sin[:w]), kc, vc)  # (B, Hkv, G, n, D)
@@ -129,12 +128,13 @@ def longheads_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
                                       kc[:, :, 0, :g].flatten(2, 3), (cos[w], sin[w]), select)
             ids = select_chunks(scores, torch.full((w,), g, device=dev), K, layout, local_chunks)
         read = torch.zeros(B, Hkv, G, g + 1, dtype=torch.bool, device=dev)  # picked by any query
-        read.scatter_(-1, ids.clamp(min=0).flatten(-2), True)  # (ids: (B, Hkv, G, w, K))
-        U = int(read.sum(-1).max())
-        # the chunks the block reads, newest first: the own chunk g in slot 0, then unread padding
+        read.scatter_(-1, ids.clamp(min=0).flatten(-2), True)  # ids: (B, Hkv, G, w, K)
+        U = int(read.sum(-1).max())  # the most chunks one head's block reads
+        # why flip and a stable sort: read chunks come first, newest first, so slot 0 is the own
+        # chunk g; a head that reads fewer than U fills its last slots with unread chunks
         union = g - read.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :U]
         match = ids[..., None, :, :] == union[..., None, None]  # (B, Hkv, G, U, w, K)
-        pos = (K - 1 - match.int().argmax(-1)) * w + o  # (B, Hkv, G, U, w): query's position
+        pos = (K - 1 - match.int().argmax(-1)) * w + o  # (B, Hkv, G, U, w); unpicked: masked
         qr = apply_rope(qc[..., g, None, :, :] / math.sqrt(D), cos[pos], sin[pos])  # (.., U, w, D)
         rows = (union + first_row).flatten()  # (B * Hkv * G * U,)
         ku, vu = (x.reshape(-1, w, D)[rows].view(B, Hkv, G, U, w, D) for x in (kc, vc))
@@ -144,7 +144,7 @@ def longheads_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
         # why detach: the shift cancels out of the softmax, and detached, logits can change in place
         p = logits.sub_(logits.detach().amax((-3, -1), keepdim=True)).exp_()  # over U * w keys
         out.append((p @ vu).sum(-3) / p.sum((-3, -1))[..., None])  # (B, Hkv, G, w, D)
-    return torch.stack(out, -3).view(B, H, n * w, D)[:, :, :T].to(q.dtype)
+    return torch.stack(out, -3).view(B, H, n * w, D)[:, :, :T].to(q.dtype)  # (B, H, T, D)
 
 
 # ============================================================================ copy to here

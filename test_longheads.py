@@ -299,6 +299,8 @@ def test_bad_settings_are_value_errors(kwargs, message):
     (((1, 3, 10, 8), (1, 2, 10, 8)), {}),
     (((1, 2, 10, 8), (1, 2, 9, 8)), {}),
     (((1, 2, 10, 8), (1, 2, 10, 8)), dict(local_chunks=3)),
+    (((1, 2, 10, 8), (1, 2, 10, 8)), dict(layout="scores")),  # a typo is not silently "score"
+    (((1, 2, 10, 8), (1, 2, 10, 8)), dict(select="max_key")),
 ])
 def test_short_function_rejects_what_it_cannot_compute(shapes, kwargs):
     q, k = torch.randn(shapes[0]), torch.randn(shapes[1])
@@ -411,7 +413,7 @@ def test_longheads_with_every_chunk_selected_is_the_model(checkpoint):
 
 def test_dynamic_rope_logits_match_transformers(tmp_path):
     """Dynamic NTK RoPE (here past its 16 trained positions). Only logits: transformers changes
-    the frequencies while it generates, we fix them for the cache's length (README, Notes)."""
+    the frequencies while it generates, we fix them for the cache's length (README, Limits)."""
     from model import Llama
     hf = save_checkpoint("dynamic-rope", tmp_path)
     ids = torch.randint(0, 101, (1, 37), generator=torch.Generator().manual_seed(4))
