@@ -8,11 +8,12 @@
 What it measures, each in a fresh subprocess so that its peak memory is its own:
   prefill    wall time and peak memory of one prompt, full attention (SDPA) vs LongHeads, on the
              default model when it is downloaded (else a random Llama of --shape, same cost)
-  decode     milliseconds per generated token after a cache of 4k and of 32k tokens (LongHeads)
+  decode     milliseconds per generated token after a cache of 4k and of 32k tokens, both ways
   attention  attention alone on random q/k/v, without the linear layers: SDPA, the tiled path
              (tiled_attention, what the model runs) and the short longheads_attention
 and the ratios that matter: t(4T) / t(T) (linear is 4, quadratic 16), longheads / full at each
-length, memory(4T) / memory(T), decode(32k) / decode(4k), SDPA / tiled and short / tiled.
+length, memory(4T) / memory(T), decode(32k) / decode(4k) and longheads / full at each length,
+SDPA / tiled and short / tiled.
 LongHeads runs the project's defaults (longheads.py) unless --chunk-size etc. say otherwise.
 The machine is shared and noisy, so targets are ratios from one run, never absolute times.
 Every timing follows a short warm-up and is the median of --repeat runs (default 1: a 32k
@@ -88,19 +89,25 @@ def prefill(model, ids):
 
 @torch.no_grad()
 def decode_steps(model, length, steps, device):
-    """ms per token after `length` cached tokens. The cache is filled with random keys, values
-    and their summaries: a step costs the same whatever they hold, and no prefill is needed."""
+    """ms per token after `length` cached tokens, with either attention. The caches are filled
+    with random keys, values (and LongHeads' summaries): a step costs the same whatever they
+    hold, and no prefill is needed."""
     cfg = model.config
     caches = model.new_caches(1, length + steps + 2)
     gen = torch.Generator(device=device).manual_seed(0)
+    Hkv, D = cfg.num_key_value_heads, cfg.head_dim
+    G = cfg.num_attention_heads // Hkv  # query heads per key/value head
     for cache in caches:
-        for s in range(0, length, 4096):  # the prefill's _store, without its attention
+        for s in range(0, length, 4096):  # what a prefill stores, without its attention
             n = min(4096, length - s)
-            q = torch.randn(1, cfg.num_key_value_heads, cache.groups, n, cfg.head_dim,
-                            generator=gen, device=device).to(cache.k.dtype)  # (B, Hkv, G, n, D)
-            kv = torch.randn(2, 1, cfg.num_key_value_heads, n, cfg.head_dim,
-                             generator=gen, device=device).to(cache.k.dtype)  # (2, B, Hkv, n, D)
-            cache._store(q, kv[0], kv[1])
+            kv = torch.randn(2, 1, Hkv, n, D, generator=gen, device=device)  # (2, B, Hkv, n, D)
+            kv = kv.to(cache.k.dtype)
+            if hasattr(cache, "summaries"):  # LongHeads: its summaries need the queries too
+                q = torch.randn(1, Hkv, G, n, D, generator=gen, device=device)  # (B, Hkv, G, n, D)
+                cache._store(q.to(cache.k.dtype), kv[0], kv[1])
+            else:
+                cache.k[:, :, s:s + n], cache.v[:, :, s:s + n] = kv[0], kv[1]
+                cache.length = s + n
     token, times = torch.zeros(1, 1, dtype=torch.long, device=device), []
     for _ in range(steps + 2):
         sync(device)
@@ -214,7 +221,8 @@ def run(args):
                 continue
             records.append(child(args, "prefill", attention, length))
     for length in args.decode_lengths:
-        records.append(child(args, "decode", "longheads", length))
+        for attention in ["full", "longheads"]:
+            records.append(child(args, "decode", attention, length))
     for length in args.attention_lengths:
         records.append(child(args, "attention", "longheads", length))
     return records
@@ -236,10 +244,15 @@ def ratios(records):
     for (a, t), r in sorted(pre.items()):
         if a != "full" and ("full", t) in pre:
             out[f"{a}/full time at {t}"] = r["seconds"] / pre["full", t]["seconds"]
-    dec = {r["length"]: r["ms_per_token"] for r in ok if r["kind"] == "decode"}
-    if len(dec) >= 2:
-        lo, hi = min(dec), max(dec)
-        out[f"decode ms/token {hi}/{lo}"] = dec[hi] / dec[lo]
+    dec = {(r["attention"], r["length"]): r["ms_per_token"] for r in ok if r["kind"] == "decode"}
+    for attention in ["full", "longheads"]:
+        lengths = sorted(t for a, t in dec if a == attention)
+        if len(lengths) >= 2:
+            lo, hi = lengths[0], lengths[-1]
+            out[f"{attention} decode ms/token {hi}/{lo}"] = dec[attention, hi] / dec[attention, lo]
+    for (a, t), ms in sorted(dec.items()):
+        if a == "longheads" and ("full", t) in dec:
+            out[f"decode longheads/full at {t}"] = ms / dec["full", t]
     for r in ok:
         if r["kind"] == "attention":
             t = r["tiled_seconds"]
