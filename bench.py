@@ -9,8 +9,9 @@ What it measures, each in a fresh subprocess so that its peak memory is its own:
   prefill    wall time and peak memory of one prompt, full attention (SDPA) vs LongHeads, on the
              default model when it is downloaded (else a random Llama of --shape, same cost)
   decode     milliseconds per generated token after a cache of 4k and of 32k tokens, both ways
-  attention  attention alone on random q/k/v, without the linear layers: SDPA, the tiled path
-             (tiled_attention, what the model runs) and the short longheads_attention
+  attention  attention alone, without the linear layers: SDPA, the tiled path (tiled_attention,
+             what the model runs) and the short longheads_attention, on random q, k, v and on
+             the first layer's q, k, v of a real prompt (when the default model is on disk)
 and the ratios that matter: t(4T) / t(T) (linear is 4, quadratic 16), longheads / full at each
 length, memory(4T) / memory(T), decode(32k) / decode(4k) and longheads / full at each length,
 SDPA / tiled and short / tiled.
@@ -55,8 +56,7 @@ DECODE_STEPS = 8
 def load(args, mode):
     """The default model if it is on disk (never downloaded here), else random weights of --shape.
     mode: "full", "longheads", or "offload" (LongHeads with its cache in CPU memory)."""
-    from convert import CACHE
-    path = CACHE / "SmolLM2-135M-Instruct"
+    path = default_model()
     dtype = getattr(torch, args.dtype)
     opts = dict(attention="full" if mode == "full" else "longheads", chunk_size=args.chunk_size,
                 num_chunks=args.num_chunks, offload=mode == "offload", select=args.select,
@@ -69,6 +69,11 @@ def load(args, mode):
     for name, p in model.named_parameters():
         torch.nn.init.ones_(p) if "norm" in name else torch.nn.init.normal_(p, std=0.02)
     return model.eval(), None
+
+
+def default_model():
+    from convert import CACHE
+    return CACHE / "SmolLM2-135M-Instruct"
 
 
 def prompt(path, model, length):
@@ -118,9 +123,10 @@ def decode_steps(model, length, steps, device):
     return statistics.median(times[2:]) * 1000  # the first two steps are warm-up
 
 
-def attention_alone(model, length, chunk_size, num_chunks, device, dtype, repeat):
-    """Seconds of SDPA, tiled_attention and longheads_attention on random q, k, v of the model's
-    head shape: {"sdpa": s, "tiled": s, "short": s}."""
+def attention_alone(model, path, inputs, length, chunk_size, num_chunks, device, dtype, repeat):
+    """Seconds of SDPA, tiled_attention and longheads_attention: {"sdpa": s, "tiled": s,
+    "short": s}, on q, k, v of the model's head shape, either random or, inputs "text", the first
+    layer's q, k, v of a passkey prompt (real text: neighbouring queries pick alike)."""
     cfg, gen = model.config, torch.Generator(device=device).manual_seed(0)
     num_chunks = num_chunks or default_num_chunks(cfg.max_position_embeddings, chunk_size)
     opts = dict(chunk_size=chunk_size, num_chunks=num_chunks, rope_theta=cfg.rope_theta)
@@ -133,10 +139,22 @@ def attention_alone(model, length, chunk_size, num_chunks, device, dtype, repeat
     seconds = {}
     with torch.no_grad():
         for n in (min(length, WARMUP_TOKENS * 4), length):  # a warm-up, then the measurement
-            q = new(cfg.num_attention_heads, n)
-            k, v = new(cfg.num_key_value_heads, n), new(cfg.num_key_value_heads, n)
+            if inputs == "text":
+                q, k, v = first_layer_qkv(model, prompt(path, model, n).to(device))
+            else:
+                q = new(cfg.num_attention_heads, n)
+                k, v = new(cfg.num_key_value_heads, n), new(cfg.num_key_value_heads, n)
             seconds = {name: timed(lambda: f(q, k, v), device, repeat) for name, f in fns.items()}
     return seconds
+
+
+def first_layer_qkv(model, ids):
+    """The first layer's q (B, H, T, D), k and v (B, Hkv, T, D) for ids (B, T), before RoPE."""
+    layer = model.model.layers[0]
+    x = layer.input_layernorm(model.model.embed_tokens(ids))  # (B, T, C)
+    a, (B, T, _) = layer.self_attn, x.shape
+    heads = lambda proj, h: proj(x).view(B, T, h, a.D).transpose(1, 2)  # (B, h, T, D)
+    return heads(a.q_proj, a.H), heads(a.k_proj, a.Hkv), heads(a.v_proj, a.Hkv)
 
 
 def timed(fn, device, repeat=1):
@@ -180,8 +198,9 @@ def measure(args):
     elif kind == "decode":
         result = dict(ms_per_token=decode_steps(model, length, DECODE_STEPS, args.device))
     else:
-        seconds = attention_alone(model, length, args.attn_chunk_size, args.attn_num_chunks,
-                                  args.device, getattr(torch, args.dtype), args.repeat)
+        seconds = attention_alone(model, path, attention, length, args.attn_chunk_size,
+                                  args.attn_num_chunks, args.device, getattr(torch, args.dtype),
+                                  args.repeat)
         result = {f"{name}_seconds": s for name, s in seconds.items()}
     name = str(path or args.shape or "smollm2")
     print(json.dumps(dict(kind=kind, attention=attention, length=length, model=name, **result)))
@@ -223,8 +242,10 @@ def run(args):
     for length in args.decode_lengths:
         for attention in ["full", "longheads"]:
             records.append(child(args, "decode", attention, length))
+    on_disk = args.shape is None and (default_model() / "config.json").is_file()
     for length in args.attention_lengths:
-        records.append(child(args, "attention", "longheads", length))
+        for inputs in ["random"] + ["text"] * on_disk:  # real text needs the tokenizer
+            records.append(child(args, "attention", inputs, length))
     return records
 
 
@@ -255,9 +276,9 @@ def ratios(records):
             out[f"decode longheads/full at {t}"] = ms / dec["full", t]
     for r in ok:
         if r["kind"] == "attention":
-            t = r["tiled_seconds"]
-            out[f"attention alone sdpa/tiled at {r['length']}"] = r["sdpa_seconds"] / t
-            out[f"attention alone short/tiled at {r['length']}"] = r["short_seconds"] / t
+            t, where = r["tiled_seconds"], f"({r['attention']} q, k, v) at {r['length']}"
+            out[f"attention alone sdpa/tiled {where}"] = r["sdpa_seconds"] / t
+            out[f"attention alone short/tiled {where}"] = r["short_seconds"] / t
     return out
 
 
