@@ -123,7 +123,8 @@ def decode_steps(model, length, steps, device):
     return statistics.median(times[2:]) * 1000  # the first two steps are warm-up
 
 
-def attention_alone(model, path, inputs, length, chunk_size, num_chunks, device, dtype, repeat):
+def attention_alone(model, path, inputs, length, chunk_size, num_chunks, device, dtype, repeat,
+                    profile=False):
     """Seconds of SDPA, tiled_attention and longheads_attention: {"sdpa": s, "tiled": s,
     "short": s}, on q, k, v of the model's head shape, either random or, inputs "text", the first
     layer's q, k, v of a passkey prompt (real text: neighbouring queries pick alike)."""
@@ -145,6 +146,11 @@ def attention_alone(model, path, inputs, length, chunk_size, num_chunks, device,
                 q = new(cfg.num_attention_heads, n)
                 k, v = new(cfg.num_key_value_heads, n), new(cfg.num_key_value_heads, n)
             seconds = {name: timed(lambda: f(q, k, v), device, repeat) for name, f in fns.items()}
+        if profile:  # where the tiled path's time goes, operator by operator, to stderr
+            with torch.profiler.profile() as prof:
+                fns["tiled"](q, k, v)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12),
+                  file=sys.stderr)
     return seconds
 
 
@@ -200,7 +206,7 @@ def measure(args):
     else:
         seconds = attention_alone(model, path, attention, length, args.attn_chunk_size,
                                   args.attn_num_chunks, args.device, getattr(torch, args.dtype),
-                                  args.repeat)
+                                  args.repeat, args.profile)
         result = {f"{name}_seconds": s for name, s in seconds.items()}
     name = str(path or args.shape or "smollm2")
     print(json.dumps(dict(kind=kind, attention=attention, length=length, model=name, **result)))
@@ -216,6 +222,8 @@ def child(args, kind, attention, length):
         reason = (done.stderr.strip().splitlines() or ["exit code %d" % done.returncode])[-1]
         print(f"  {kind} {attention} {length}: failed: {reason}", file=sys.stderr)
         return dict(kind=kind, attention=attention, length=length, error=reason)
+    if args.profile:
+        print(done.stderr, file=sys.stderr)
     record = json.loads(done.stdout.strip().splitlines()[-1])
     numbers = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
     print(f"  {kind} {attention} {length}: {numbers}", file=sys.stderr)
@@ -229,6 +237,7 @@ def passthrough(args):
            "--attn-chunk-size", str(args.attn_chunk_size)]
     out += ["--num-chunks", str(args.num_chunks)] if args.num_chunks else []
     out += ["--attn-num-chunks", str(args.attn_num_chunks)] if args.attn_num_chunks else []
+    out += ["--profile"] if args.profile else []
     return out + (["--shape", args.shape] if args.shape else [])
 
 
@@ -329,6 +338,8 @@ def parse_args(argv=None):
                    help="chunks per head for attention alone (default: the project's)")
     p.add_argument("--offload", action="store_true",
                    help="also LongHeads with its keys and values in pinned CPU memory (CUDA)")
+    p.add_argument("--profile", action="store_true",
+                   help="print torch.profiler's top operators of the tiled path (attention alone)")
     p.add_argument("--repeat", type=int, default=1,
                    help="timed runs per measurement; the median is kept")
     p.add_argument("--json", help="write the records and ratios to this file")
