@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from longheads import (CHUNK_SIZE, LAYOUT, LAYOUTS, LOCAL_CHUNKS, SELECT, SELECTS,
+from longheads import (CHUNK_SIZE, LAYOUT, LAYOUTS, LOCAL_CHUNKS, SELECT, SELECTS, check_config,
                        default_num_chunks, longheads_attention, tiled_attention)
 from model import Llama, LlamaConfig
 
@@ -353,6 +353,13 @@ def parse_args(argv=None):
         p.error("--device cuda: no CUDA device is available here; use --device cpu")
     if args.offload and not args.device.startswith("cuda"):
         p.error("--offload moves LongHeads' cache from a GPU to CPU memory: it needs --device cuda")
+    for chunk_size, num_chunks in [(args.chunk_size, args.num_chunks),
+                                   (args.attn_chunk_size, args.attn_num_chunks)]:
+        try:  # what can be checked before the model says its trained length
+            check_config(1, 1, chunk_size, num_chunks or max(3, args.local_chunks + 1),
+                         local_chunks=args.local_chunks)
+        except ValueError as e:
+            p.error(str(e))
     return args
 
 
@@ -362,6 +369,8 @@ def main(argv=None):
         return measure(args)
     start = time.perf_counter()
     records = run(args)
+    if records and all("error" in r for r in records):
+        sys.exit("bench.py: every measurement failed (the lines above say why)")
     ratio = ratios(records)
     print(table(records, ratio))
     print(f"\n{time.perf_counter() - start:.0f} s in all, device {args.device}, {args.dtype}, "
