@@ -56,12 +56,12 @@ DECODE_STEPS = 8
 def load(args, mode):
     """The default model if it is on disk (never downloaded here), else random weights of --shape.
     mode: "full", "longheads", or "offload" (LongHeads with its cache in CPU memory)."""
-    path = default_model()
+    path = default_model(args)
     dtype = getattr(torch, args.dtype)
     opts = dict(attention="full" if mode == "full" else "longheads", chunk_size=args.chunk_size,
                 num_chunks=args.num_chunks, offload=mode == "offload", select=args.select,
                 layout=args.layout, local_chunks=args.local_chunks)
-    if args.shape is None and (path / "config.json").is_file():
+    if path is not None:
         return Llama.from_pretrained(path, device=args.device, dtype=dtype, **opts), path
     with torch.device("meta"):
         model = Llama(LlamaConfig(**SHAPES[args.shape or "smollm2"]), **opts)
@@ -71,9 +71,11 @@ def load(args, mode):
     return model.eval(), None
 
 
-def default_model():
+def default_model(args):
+    """The downloaded default model's directory, or None (not on disk, or --shape asks for one)."""
     from convert import CACHE
-    return CACHE / "SmolLM2-135M-Instruct"
+    path = CACHE / "SmolLM2-135M-Instruct"
+    return path if args.shape is None and (path / "config.json").is_file() else None
 
 
 def prompt(path, model, length):
@@ -157,10 +159,7 @@ def attention_alone(model, path, inputs, length, chunk_size, num_chunks, device,
 def first_layer_qkv(model, ids):
     """The first layer's q (B, H, T, D), k and v (B, Hkv, T, D) for ids (B, T), before RoPE."""
     layer = model.model.layers[0]
-    x = layer.input_layernorm(model.model.embed_tokens(ids))  # (B, T, C)
-    a, (B, T, _) = layer.self_attn, x.shape
-    heads = lambda proj, h: proj(x).view(B, T, h, a.D).transpose(1, 2)  # (B, h, T, D)
-    return heads(a.q_proj, a.H), heads(a.k_proj, a.Hkv), heads(a.v_proj, a.Hkv)
+    return layer.self_attn.qkv(layer.input_layernorm(model.model.embed_tokens(ids)))
 
 
 def timed(fn, device, repeat=1):
@@ -251,7 +250,7 @@ def run(args):
     for length in args.decode_lengths:
         for attention in ["full", "longheads"]:
             records.append(child(args, "decode", attention, length))
-    on_disk = args.shape is None and (default_model() / "config.json").is_file()
+    on_disk = default_model(args) is not None
     for length in args.attention_lengths:
         for inputs in ["random"] + ["text"] * on_disk:  # real text needs the tokenizer
             records.append(child(args, "attention", inputs, length))
@@ -346,6 +345,12 @@ def parse_args(argv=None):
     p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: one measurement
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
+    """Refuse what cannot run, with one line (argparse exits 2)."""
     lengths = args.lengths + args.decode_lengths + args.attention_lengths
     if min(lengths, default=1) < 1 or args.repeat < 1:
         p.error("lengths and --repeat must be positive")
@@ -360,7 +365,6 @@ def parse_args(argv=None):
                          local_chunks=args.local_chunks)
         except ValueError as e:
             p.error(str(e))
-    return args
 
 
 def main(argv=None):

@@ -149,11 +149,16 @@ class Attention(nn.Module):
 
     def forward(self, x, cache):
         B, T, C = x.shape  # batch, tokens, hidden size
+        y = cache(*self.qkv(x))  # (B, H, T, D): RoPE, storing and attending are the cache's job
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))  # (B, T, C)
+
+    def qkv(self, x):
+        """x (B, T, C) -> q (B, H, T, D), k and v (B, Hkv, T, D), before RoPE."""
+        B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.D).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.Hkv, self.D).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.Hkv, self.D).transpose(1, 2)  # (B, Hkv, T, D)
-        y = cache(q, k, v)  # (B, H, T, D): RoPE, storing and attending are the cache's job
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))  # (B, T, C)
+        return q, k, v
 
 
 class MLP(nn.Module):
