@@ -197,7 +197,8 @@ class Body(nn.Module):
 
 class Llama(nn.Module):
     def __init__(self, cfg, *, attention="full", chunk_size=CHUNK_SIZE, num_chunks=None,
-                 offload=False, layout=LAYOUT, select=SELECT, local_chunks=LOCAL_CHUNKS):
+                 offload=False, layout=LAYOUT, select=SELECT, local_chunks=LOCAL_CHUNKS,
+                 select_layers=None):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
@@ -207,6 +208,9 @@ class Llama(nn.Module):
         self.layout = layout  # the order of the picked chunks (longheads.select_chunks)
         self.select = select  # how candidate chunks are scored (longheads.candidate_scores)
         self.local_chunks = local_chunks  # the newest chunks every query reads (select_chunks)
+        # select_layers=(first, last): only these layers select chunks by score; the others read
+        # the window, chunk 0 and their newest chunks (None: every layer selects)
+        self.select_layers = select_layers
         # num_chunks=None is the paper's rule: a budget of the trained length, so that nothing
         # changes for contexts the model was trained on
         self.num_chunks = num_chunks or default_num_chunks(cfg.max_position_embeddings, chunk_size)
@@ -218,16 +222,22 @@ class Llama(nn.Module):
         cfg, dtype, device = self.config, self.lm_head.weight.dtype, self.lm_head.weight.device
         shape = (batch, cfg.num_attention_heads, cfg.num_key_value_heads, max_len, cfg.head_dim)
         if self.attention == "full":
-            make = lambda: KVCache(*shape, inv_freq=cfg.inv_freq(max_len), dtype=dtype,
-                                   device=device)
+            make = lambda i: KVCache(*shape, inv_freq=cfg.inv_freq(max_len), dtype=dtype,
+                                     device=device)
         else:  # LongHeads never places a token further than chunk_size * num_chunks away
             seen = min(max_len, self.chunk_size * self.num_chunks)
-            make = lambda: LongHeadsCache(*shape, chunk_size=self.chunk_size,
-                                          num_chunks=self.num_chunks, rope=cfg.inv_freq(seen),
-                                          dtype=dtype, device=device, offload=self.offload,
-                                          layout=self.layout, select=self.select,
-                                          local_chunks=self.local_chunks)
-        return nn.ModuleList(make() for _ in range(cfg.num_hidden_layers))
+            make = lambda i: LongHeadsCache(*shape, chunk_size=self.chunk_size,
+                                            num_chunks=self.num_chunks, rope=cfg.inv_freq(seen),
+                                            dtype=dtype, device=device, offload=self.offload,
+                                            layout=self.layout, select=self.select,
+                                            local_chunks=self.layer_local_chunks(i))
+        return nn.ModuleList(make(i) for i in range(cfg.num_hidden_layers))
+
+    def layer_local_chunks(self, layer):
+        """local_chunks of one layer: the window (num_chunks - 1) outside select_layers."""
+        if self.select_layers is None or self.select_layers[0] <= layer <= self.select_layers[1]:
+            return self.local_chunks
+        return self.num_chunks - 1
 
     def hidden(self, input_ids, caches):
         """input_ids (B, T) after what the caches hold -> final hidden states (B, T, C)."""
@@ -262,14 +272,15 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, path, *, device="cpu", dtype=None, attention="full",
                         chunk_size=CHUNK_SIZE, num_chunks=None, offload=False, layout=LAYOUT,
-                        select=SELECT, local_chunks=LOCAL_CHUNKS):
+                        select=SELECT, local_chunks=LOCAL_CHUNKS, select_layers=None):
         """Load a Hugging Face Llama checkpoint directory (config.json + safetensors)."""
         path = Path(path)
         cfg = LlamaConfig.from_dict(read_json(path / "config.json"))
         files = checkpoint_files(path)
         with torch.device("meta"):  # no memory yet: the checkpoint's tensors become the weights
             model = cls(cfg, attention=attention, chunk_size=chunk_size, num_chunks=num_chunks,
-                        offload=offload, layout=layout, select=select, local_chunks=local_chunks)
+                        offload=offload, layout=layout, select=select, local_chunks=local_chunks,
+                        select_layers=select_layers)
         shapes = tensor_shapes(files)
         check_tensors(model, shapes)
         dtype = to_dtype(dtype) if dtype is not None else None

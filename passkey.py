@@ -121,6 +121,21 @@ def run_trials(model, tok, length, trials, device, haystack="filler"):
         yield depth, key, tok.decode(out[0, len(rest):].tolist()), time.perf_counter() - start
 
 
+@torch.no_grad()
+def run_truncated(model, tok, length, trials, device, haystack="filler"):
+    """The baseline without long context: full attention on the task line and as much of the
+    prompt's end as the trained length holds. Yields what run_trials yields."""
+    head = len(tok.encode(TASK) + tok.continuation("\n"))
+    tail = model.config.max_position_embeddings - NEW_TOKENS - head  # answers stay inside too
+    for depth, key in sorted(trials, key=lambda trial: trial[0]):
+        ids = build_prompt(tok, length, depth, key, haystack)
+        ids = ids[:head] + ids[max(head, len(ids) - tail):]  # (head + tail,) or all of a short one
+        start = time.perf_counter()
+        with prefill_progress(model, f"{len(ids)} of {length} tokens"):
+            out = model.generate(torch.tensor([ids], device=device), NEW_TOKENS)
+        yield depth, key, tok.decode(out[0, len(ids):].tolist()), time.perf_counter() - start
+
+
 def copy_caches(src, dst):
     """Make the caches dst hold what src holds, in dst's own memory (pinned stays pinned)."""
     for s, d in zip(src, dst):
@@ -213,7 +228,10 @@ def check_memory(model, args, kinds, dtype):
     """Each of the attention kinds fits at the longest --len, or a UsageError says what to do."""
     device, host = torch.device(args.device), torch.device("cpu")
     for attention in kinds:
-        needs = bytes_needed(model.config, max(args.len), attention, dtype, args.offload)
+        length = max(args.len)
+        if attention == "truncated":
+            attention, length = "full", min(length, model.config.max_position_embeddings)
+        needs = bytes_needed(model.config, length, attention, dtype, args.offload)
         for where, need in zip([device, host], needs):
             free = bytes_free(where)
             if free is not None and need > free:
@@ -249,13 +267,14 @@ def load_model(args):
     model = Llama.from_pretrained(path, device=args.device, dtype=dtype, chunk_size=args.chunk_size,
                                   num_chunks=args.num_chunks, offload=args.offload,
                                   layout=args.layout, select=args.select,
-                                  local_chunks=args.local_chunks)
+                                  local_chunks=args.local_chunks,
+                                  select_layers=args.select_layers)
     return model, Tokenizer(path), dtype
 
 
 def check_model(model, tok, args):
     """What can only be checked once the model is known: the budget and the lengths."""
-    if args.attention != "full":
+    if args.attention in ("longheads", "both"):
         check_budget(model)
     for length in args.len:
         build_prompt(tok, length, 0.0, 10000, args.haystack)  # too short: raises before a trial
@@ -266,6 +285,10 @@ def check_budget(model):
     if budget > trained:
         raise UsageError(f"--chunk-size x --num-chunks = {budget} exceeds the model's trained "
                          f"length {trained}: LongHeads would show it distances it never saw")
+    layers = model.config.num_hidden_layers
+    if model.select_layers and model.select_layers[1] >= layers:
+        raise UsageError(f"--select-layers {model.select_layers[1]}: the model has layers "
+                         f"0-{layers - 1}")
     if model.local_chunks >= model.num_chunks:
         raise UsageError(f"--local-chunks {model.local_chunks} leaves no room for chunk 0 in "
                          f"{model.num_chunks} chunks: use at most {model.num_chunks - 1}")
@@ -292,7 +315,8 @@ def sweep(args):
           f"(trained at {model.config.max_position_embeddings}), "
           f"LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks} "
           f"layout={model.layout} "
-          f"select={model.select} local_chunks={model.local_chunks}, haystack {args.haystack}, "
+          f"select={model.select} local_chunks={model.local_chunks} "
+          f"select_layers={model.select_layers or 'all'}, haystack {args.haystack}, "
           f"{args.device} {str(dtype)[6:]}")
     print(f"{'length':>7} {'depth':>5}  {'attention':<9}  {'key':>5}  {'output':<24} "
           f"{'ok':<3} {'seconds':>7}")
@@ -301,8 +325,9 @@ def sweep(args):
         trials = [(depth, trial_key(args.seed, length, depth, t))
                   for depth in args.depths for t in range(args.trials)]
         for attention in attentions(args):
-            model.attention = attention
-            answers = run_trials(model, tok, length, trials, args.device, args.haystack)
+            model.attention = "full" if attention == "truncated" else attention
+            run = run_truncated if attention == "truncated" else run_trials
+            answers = run(model, tok, length, trials, args.device, args.haystack)
             for depth, key, output, seconds in answers:
                 correct = first_integer(output) == key
                 records.append(dict(length=length, depth=depth, attention=attention,
@@ -324,7 +349,8 @@ def settings(model):
     if model.attention == "full":
         return {}
     return dict(chunk_size=model.chunk_size, num_chunks=model.num_chunks, layout=model.layout,
-                select=model.select, local_chunks=model.local_chunks)
+                select=model.select, local_chunks=model.local_chunks,
+                select_layers=model.select_layers)
 
 
 def summarize(records):
@@ -382,6 +408,17 @@ def add_longheads_args(p):
                    "chunks: their summary key (the paper's) or their best single key (maxkey)")
     p.add_argument("--local-chunks", type=int, default=LOCAL_CHUNKS, help="the newest chunks every "
                    "query reads (2, the own and the previous, is the paper's)")
+    p.add_argument("--select-layers", type=layer_range, metavar="FIRST-LAST", help="only these "
+                   "layers select chunks; the others read chunk 0 and their newest chunks "
+                   "(default: every layer selects)")
+
+
+def layer_range(text):
+    """'16-29' -> (16, 29): a range of layers, both ends included."""
+    first, _, last = text.partition("-")
+    if not (first.isdigit() and last.isdigit() and int(first) <= int(last)):
+        raise argparse.ArgumentTypeError(f"expected FIRST-LAST layers such as 16-29, got {text!r}")
+    return int(first), int(last)
 
 
 def parse_args(argv=None):
@@ -393,7 +430,9 @@ def parse_args(argv=None):
                    help="where the key sits, as fractions of the filler")
     p.add_argument("--trials", type=int, default=1, help="keys per (length, depth)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attention", choices=["longheads", "full", "both"], default="longheads")
+    p.add_argument("--attention", choices=["longheads", "full", "both", "truncated"],
+                   default="longheads", help="truncated: full attention on the task line and "
+                   "the prompt's last tokens, up to the trained length (no long context at all)")
     p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
     p.add_argument("--num-chunks", type=int,
                    help="chunks per head (default: trained length / chunk size)")

@@ -110,7 +110,8 @@ def evaluate(model, tok, args):
 
 def label(record):
     """A line's name: the attention, and any LongHeads setting that is not the default."""
-    defaults = dict(chunk_size=CHUNK_SIZE, layout=LAYOUT, select=SELECT, local_chunks=LOCAL_CHUNKS)
+    defaults = dict(chunk_size=CHUNK_SIZE, layout=LAYOUT, select=SELECT, local_chunks=LOCAL_CHUNKS,
+                    select_layers=None)
     if record["attention"] == "window":
         defaults["local_chunks"] = record["num_chunks"] - 1
     changed = [f"{k}={record[k]}" for k, v in defaults.items() if record.get(k, v) != v]

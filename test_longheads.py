@@ -450,6 +450,24 @@ def test_selective_longheads_model_equals_the_reference(checkpoint, layout, sele
         torch.testing.assert_close(model(ids), model(ids, caches=reference), atol=1e-4, rtol=0)
 
 
+def test_select_layers_selects_in_those_layers_and_reads_the_window_in_the_others(checkpoint):
+    """select_layers=(0, 0): layer 0 selects by score, the other layer reads the window."""
+    from model import Llama
+    path, _ = checkpoint
+    opts = dict(chunk_size=3, num_chunks=5, layout="position", select="summary")
+    model = Llama.from_pretrained(path, attention="longheads", local_chunks=2,
+                                  select_layers=(0, 0), **opts)
+    ids = torch.randperm(101, generator=torch.Generator().manual_seed(6))[:33][None]
+    inv_freq = model.config.inv_freq(15)
+    reference = [ReferenceAttention(inv_freq, local_chunks=2 if i == 0 else 4, **opts)
+                 for i in range(len(model.model.layers))]
+    with torch.no_grad():
+        logits = model(ids)
+        torch.testing.assert_close(logits, model(ids, caches=reference), atol=1e-4, rtol=0)
+        model.select_layers = None  # every layer selects: another model
+        assert not torch.allclose(logits, model(ids), atol=1e-3)
+
+
 def test_longheads_generate_equals_rerunning_the_sequence(checkpoint):
     """Prefill + cached decoding picks what a full forward pass over the growing text picks."""
     from model import Llama

@@ -126,6 +126,25 @@ def test_trials_sharing_the_filler_answer_as_whole_prompts(smollm2, tokenizer, a
 
 
 @needs_model
+def test_truncated_reads_the_task_line_and_the_prompts_end(smollm2, tokenizer):
+    """The baseline keeps the task line and the last tokens, trained length in all (answer too)."""
+    from model import Llama
+    model = Llama.from_pretrained(smollm2, dtype=torch.float32)
+    model.config.max_position_embeddings = 300  # a short trained length: a cheap cut
+    seen = []
+    model.model.embed_tokens.register_forward_hook(lambda m, a, o: seen.append(a[0][0].tolist()))
+    depth, key = 1.0, 12345
+    (_, _, text, _), = passkey.run_truncated(model, tokenizer, 1000, [(depth, key)], "cpu")
+    ids = passkey.build_prompt(tokenizer, 1000, depth, key)
+    head = len(tokenizer.encode(passkey.TASK) + tokenizer.continuation("\n"))
+    tail = 300 - passkey.NEW_TOKENS - head
+    assert seen[0] == ids[:head] + ids[-tail:]  # the prefill: no filler before the end's
+    assert len(seen[0]) + passkey.NEW_TOKENS == 300
+    expected = model.generate(torch.tensor([seen[0]]), passkey.NEW_TOKENS)[0, len(seen[0]):]
+    assert text == tokenizer.decode(expected.tolist())
+
+
+@needs_model
 def test_passkey_end_to_end_through_the_cli(smollm2, tmp_path):
     """A 2k-token trial with a budget below the prompt (so chunks are really selected)."""
     out = run_cli("--len", "2048", "--depths", "0.5", "--attention", "both", "--chunk-size", "128",
