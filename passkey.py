@@ -302,9 +302,7 @@ def run_diagnosis(args):
     key = trial_key(args.seed, length, depth, 0)
     prompts = [build_prompt(tok, n, depth, key, args.haystack) for n in (length, short)]
     tensors = [torch.tensor([p], device=args.device) for p in prompts]
-    print(f"key {key} at depth {depth}; LongHeads chunk_size={model.chunk_size} "
-          f"num_chunks={model.num_chunks} layout={model.layout} select={model.select} "
-          f"local_chunks={model.local_chunks}, {args.haystack}")
+    print(f"key {key} at depth {depth}; LongHeads {describe(model)}, {args.haystack}")
     digits = [key_digits(tok, p, key) for p in prompts]
     diagnose(model, tok, tensors[0], digits[0], tensors[1], digits[1], plot_file=args.plot)
 
@@ -313,10 +311,7 @@ def sweep(args):
     model, tok, dtype = load(args)
     print(f"model {args.model or 'SmolLM2-135M-Instruct'} "
           f"(trained at {model.config.max_position_embeddings}), "
-          f"LongHeads chunk_size={model.chunk_size} num_chunks={model.num_chunks} "
-          f"layout={model.layout} "
-          f"select={model.select} local_chunks={model.local_chunks} "
-          f"select_layers={model.select_layers or 'all'}, haystack {args.haystack}, "
+          f"LongHeads {describe(model)}, haystack {args.haystack}, "
           f"{args.device} {str(dtype)[6:]}")
     print(f"{'length':>7} {'depth':>5}  {'attention':<9}  {'key':>5}  {'output':<24} "
           f"{'ok':<3} {'seconds':>7}")
@@ -342,6 +337,14 @@ def sweep(args):
     if args.plot:
         plot(records, args.plot)
     return records
+
+
+def describe(model):
+    """The LongHeads settings in one line, for the headers."""
+    text = (f"chunk_size={model.chunk_size} num_chunks={model.num_chunks} layout={model.layout} "
+            f"select={model.select} local_chunks={model.local_chunks}")
+    layers = model.select_layers
+    return text if layers is None else f"{text} select_layers={layers[0]}-{layers[1]}"
 
 
 def settings(model):

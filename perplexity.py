@@ -114,7 +114,8 @@ def label(record):
                     select_layers=None)
     if record["attention"] == "window":
         defaults["local_chunks"] = record["num_chunks"] - 1
-    changed = [f"{k}={record[k]}" for k, v in defaults.items() if record.get(k, v) != v]
+    changed = [f"{k}={'-'.join(map(str, record[k])) if k == 'select_layers' else record[k]}"
+               for k, v in defaults.items() if record.get(k, v) != v]  # select_layers: [a, b]
     return " ".join([record["attention"], *changed])
 
 

@@ -174,6 +174,8 @@ def test_plot_lines_are_named_by_attention_and_changed_settings():
     assert perplexity.label({**record, "select": "maxkey", "local_chunks": 24}) == \
         "longheads select=maxkey local_chunks=24"
     assert perplexity.label({**record, "attention": "window", "local_chunks": 31}) == "window"
+    assert perplexity.label({**record, "select_layers": [16, 29]}) == \
+        "longheads select_layers=16-29"
     assert perplexity.label(dict(attention="full")) == "full"
 
 
