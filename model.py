@@ -202,6 +202,10 @@ class Llama(nn.Module):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        layers = cfg.num_hidden_layers
+        if select_layers is not None and not 0 <= select_layers[0] <= select_layers[1] < layers:
+            raise ValueError(f"select_layers must be (first, last) with 0 <= first <= last <= "
+                             f"{layers - 1}, got {select_layers}")
         self.config, self.attention = cfg, attention
         # offload: LongHeads' keys and values in CPU memory
         self.chunk_size, self.offload = chunk_size, offload

@@ -285,10 +285,6 @@ def check_budget(model):
     if budget > trained:
         raise UsageError(f"--chunk-size x --num-chunks = {budget} exceeds the model's trained "
                          f"length {trained}: LongHeads would show it distances it never saw")
-    layers = model.config.num_hidden_layers
-    if model.select_layers and model.select_layers[1] >= layers:
-        raise UsageError(f"--select-layers {model.select_layers[1]}: the model has layers "
-                         f"0-{layers - 1}")
     if model.local_chunks >= model.num_chunks:
         raise UsageError(f"--local-chunks {model.local_chunks} leaves no room for chunk 0 in "
                          f"{model.num_chunks} chunks: use at most {model.num_chunks - 1}")

@@ -197,6 +197,7 @@ def test_bad_arguments_are_one_line_and_exit_2(args, message):
     (["--len", "20"], "shorter than the prompt's fixed parts"),
     (["--len", "400000000"], "GiB is free"),
     (["--local-chunks", "40"], "leaves no room for chunk 0 in 32 chunks"),
+    (["--select-layers", "3-40"], "0 <= first <= last <= 29"),
 ])
 def test_impossible_lengths_are_one_line_and_exit_2(smollm2, args, message):
     out = run_cli(*args)
