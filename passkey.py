@@ -6,7 +6,9 @@ Remember it. N is the pass key." at some depth, more filler, then "What is the p
 pass key is", the five parts on lines of their own as in Landmark's code. Greedy decoding; a
 trial is correct when the first integer generated equals N.
 A RoPE model answers well inside its trained length and fails beyond it; LongHeads keeps every
-head inside the trained length and should answer at any length.
+head inside the trained length and should answer at any length. The bar it has to clear is
+`--attention truncated`: full attention on the task line and the prompt's end, as much as the
+trained length holds, which finds only the keys that end holds.
 
     python passkey.py --len 32768                       # the default model, LongHeads, 5 depths
     python passkey.py --len 4096 16384 --attention both --trials 2 --json out.json --plot out.png
