@@ -49,8 +49,7 @@ def prompt_parts(tok, length, depth, key, haystack="filler"):
     parts: (the task and the haystack before the key line, the rest). The first part does not
     depend on the key, and the one of a smaller depth is a prefix of it: trials can share its
     prefill. The key line goes between whole filler sentences, or at a line break of the book."""
-    # with BOS where the model's tokenizer adds one
-    head = tok.encode(TASK) + tok.continuation("\n")
+    head = task_head(tok)
     key_ids, question = (tok.continuation(s) for s in (KEY_LINE.format(key=key), QUESTION))
     room = length - len(head) - len(key_ids) - len(question)  # tokens of haystack
     if room < 0:
@@ -59,6 +58,11 @@ def prompt_parts(tok, length, depth, key, haystack="filler"):
     hay, cut = haystack_tokens(tok, haystack, room)
     before = cut(depth * room)
     return head + hay[:before], key_ids + hay[before:room] + question
+
+
+def task_head(tok):
+    """The prompt's first line, the task, with BOS where the model's tokenizer adds one."""
+    return tok.encode(TASK) + tok.continuation("\n")
 
 
 def haystack_tokens(tok, haystack, room):
@@ -127,7 +131,7 @@ def run_trials(model, tok, length, trials, device, haystack="filler"):
 def run_truncated(model, tok, length, trials, device, haystack="filler"):
     """The baseline without long context: full attention on the task line and as much of the
     prompt's end as the trained length holds. Yields what run_trials yields."""
-    head = len(tok.encode(TASK) + tok.continuation("\n"))
+    head = len(task_head(tok))
     tail = model.config.max_position_embeddings - NEW_TOKENS - head  # answers stay inside too
     for depth, key in sorted(trials, key=lambda trial: trial[0]):
         ids = build_prompt(tok, length, depth, key, haystack)

@@ -136,7 +136,7 @@ def test_truncated_reads_the_task_line_and_the_prompts_end(smollm2, tokenizer):
     depth, key = 1.0, 12345
     (_, _, text, _), = passkey.run_truncated(model, tokenizer, 1000, [(depth, key)], "cpu")
     ids = passkey.build_prompt(tokenizer, 1000, depth, key)
-    head = len(tokenizer.encode(passkey.TASK) + tokenizer.continuation("\n"))
+    head = len(tokenizer.encode(passkey.TASK)) + 1  # the task line and its new line
     tail = 300 - passkey.NEW_TOKENS - head
     assert seen[0] == ids[:head] + ids[-tail:]  # the prefill: no filler before the end's
     assert len(seen[0]) + passkey.NEW_TOKENS == 300
