@@ -30,8 +30,7 @@ import torch.nn.functional as F
 
 # ============================================================================ copy from here
 CHUNK_SIZE = 256  # the defaults, the same in every entry point (RESULTS.md says why)
-LAYOUT = "position"  # picked chunks keep their original order (the paper's)
-SELECT = "summary"  # a candidate chunk is scored by its summary key (the paper's)
+LAYOUT, SELECT = "position", "summary"  # the paper's: picked chunks in their order, by summary
 LOCAL_CHUNKS = 2  # the own chunk and the one before it are always read (the paper's)
 
 
@@ -43,8 +42,7 @@ def rope_inv_freq(head_dim, theta=10000.0):
 def rope_cos_sin(inv_freq, positions, dtype=torch.float32):
     """cos and sin tables for integer positions: each (len(positions), D), in dtype."""
     # why float64: float32 loses digits far out, and remapped positions must give exact angles
-    freqs = positions.double()[:, None] * inv_freq.double()[None, :]  # (P, D/2)
-    angles = torch.cat([freqs, freqs], dim=-1)  # (P, D): rotate-half pairs dim i with i + D/2
+    angles = (positions.double()[:, None] * inv_freq.double()).repeat(1, 2)  # (P, D): i, i + D/2
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -57,8 +55,7 @@ def apply_rope(x, cos, sin):
 def chunk_summaries(q, k, v):
     """§1: q (B, Hkv, G, n, w, D), k and v (B, Hkv, 1, n, w, D), all at chunk-local positions
     -> one summary key per chunk and query head (B, Hkv, G, n, D), in float32 or wider."""
-    wide = torch.promote_types(q.dtype, torch.float32)
-    q, k, v = q.to(wide), k.to(wide), v.to(wide)
+    q, k, v = (x.to(torch.promote_types(q.dtype, torch.float32)) for x in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1])
     inner = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # (B, Hkv, G, n, w, w)
     s = (inner @ v).mean(dim=-2, keepdim=True)  # (B, Hkv, G, n, 1, D): the chunk's "query"
@@ -85,11 +82,14 @@ def select_chunks(scores, chunks, num_chunks, layout=LAYOUT, local_chunks=LOCAL_
     1..g-local_chunks (layout "position": in chunk order; "score": best last), the newest to g."""
     candidate = torch.arange(1, scores.shape[-1] + 1, device=scores.device)  # (n - 1,)
     barred = candidate > chunks[:, None] - local_chunks  # (b, n - 1): newest or not yet there
-    # why a stable sort, not topk: equal scores are common (repeated text), and the earlier
-    # chunk must win every time, as in the reference
-    ranked = scores.masked_fill(barred, float("-inf")).sort(dim=-1, descending=True, stable=True)
-    best = ranked.indices[..., :num_chunks - 1 - local_chunks] + 1  # (..., b, K - 1 - local)
-    best = best.sort(dim=-1).values if layout == "position" else best.flip(-1)
+    scores, top = scores.masked_fill(barred, float("-inf")), num_chunks - 1 - local_chunks
+    # why not topk's indices: of equal scores (common in repeated text) the earlier must win
+    kth = scores.topk(top, dim=-1).values[..., -1:] if top else float("inf")  # (..., b, 1)
+    above, tied = scores > kth, scores == kth  # (..., b, n - 1) each
+    keep = above | tied & (tied.cumsum(-1) <= top - above.sum(-1, keepdim=True))  # top per row
+    best = candidate.expand(keep.shape)[keep].view(*keep.shape[:-1], top)  # in chunk order
+    if layout == "score":  # best last; of equal scores, the earlier chunk nearer the end
+        best = best.flip(-1).gather(-1, scores.gather(-1, best.flip(-1) - 1).sort(stable=True)[1])
     newest = chunks[:, None] - torch.arange(local_chunks - 1, -1, -1, device=chunks.device)
     newest = newest.expand(*best.shape[:-1], local_chunks)  # (..., b, local_chunks)
     return torch.cat([torch.zeros_like(newest[..., :1]), best, newest], dim=-1)
@@ -106,9 +106,9 @@ def longheads_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
     G, n = H // Hkv, -(-T // w)  # query head h reads kv head h // G; chunks, the last partial
     if (k.shape != v.shape or k.shape[2] != T or H % Hkv or not 2 <= local_chunks < K
             or layout not in ("position", "score") or select not in ("summary", "maxkey")):
-        raise ValueError(f"need k, v (B, Hkv, T, D), H % Hkv == 0, 2 <= local_chunks < K, a known"
-                         f" layout, select; got {tuple(q.shape)}, {tuple(k.shape)}, K = {K}, "
-                         f"local_chunks = {local_chunks}, {layout!r}, {select!r}")
+        raise ValueError(f"need k, v (B, Hkv, T, D), H % Hkv == 0, 2 <= local_chunks < K; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, K = {K}, local_chunks = "
+                         f"{local_chunks}, layout {layout!r}, select {select!r}")
     dt = torch.promote_types(q.dtype, torch.float32)  # work in float32 or wider
     cos, sin = rope if isinstance(rope, tuple) else rope_cos_sin(
         rope_inv_freq(D, rope_theta) if rope is None else rope, torch.arange(K * w), dt)
@@ -339,8 +339,8 @@ class LongHeadsCache(torch.nn.Module):
         """Queries s..e-1, all past the first K chunks, q: (B, Hkv, G, b, D) -> their outputs.
 
         Every query reads its own K chunks, exactly: its own chunk (causal) from one window of
-        keys shared by the block, and the other K - 1 through tiles: (query, chunk) pairs grouped
-        by chunk, TILE pairs per read of a chunk's keys. The K partial softmaxes are merged.
+        keys shared by the block, and the other K - 1 as (query, chunk) pairs laid out in rows by
+        chunk (pack), one read of a chunk's keys per row. The K partial softmaxes are merged.
         """
         B, Hkv, G, b, D = q.shape
         w, K, dev = self.w, self.K, q.device
@@ -348,27 +348,33 @@ class LongHeadsCache(torch.nn.Module):
         m = (e - 1) // w + 1  # chunks up to the block's last query
         scores = self.scores(q, m - 2)  # (B, Hkv, G, b, m - 3): candidates end 2 before the own
         ids = select_chunks(scores, t // w, K, self.layout, self.local_chunks)  # (B, Hkv, G, b, K)
-        # §3: rank r is read from (K - 1 - r) * w + o, whichever chunk it is: the query moves
+        # §3: rank r is read from (K - 1 - r) * w + o, whichever chunk it is: the query moves;
+        # why the tables, not q, are scaled: they are (b, K, D), the rotated queries K times more
         pos = (K - 1 - torch.arange(K, device=dev)) * w + t[:, None] % w  # (b, K)
-        qr = apply_rope(q[..., None, :], self.cos[pos], self.sin[pos])  # (B, Hkv, G, b, K, D)
-        qr = qr / math.sqrt(D)
+        cos, sin = (x[pos] / math.sqrt(D) for x in (self.cos, self.sin))  # (b, K, D) each
+        qr = apply_rope(q[..., None, :], cos[:, :-1], sin[:, :-1])  # (B, Hkv, G, b, K - 1, D)
         # a pair's key: its head and chunk as one number, head-major: head * m + chunk
         heads = torch.arange(B * Hkv, device=dev).view(B, Hkv, 1, 1, 1) * m  # (B, Hkv, 1, 1, 1)
         pair_key = (ids[..., :-1] + heads).flatten()  # (P,), P = B * Hkv * G * b * (K - 1)
         size = min(TILE, G * b)  # no chunk is picked by more pairs than the group has queries
-        tile, slot, tile_key = pack(pair_key, size, B * Hkv * m)  # (P,), (P,), (n_tiles,)
+        # why whole rows on the CPU: a row per chunk reads its keys once; on CUDA, rows of `size`
+        # are what pack can lay out without waiting for the GPU
+        place, groups = pack(pair_key, size, B * Hkv * m, whole=not q.is_cuda)  # (P,), rows
         n = self.k.shape[2] // w  # chunks the cache holds, per head
-        rows = tile_key // m * n + tile_key % m  # (n_tiles,): rows of k.view(-1, w, D)
-        q_tiles = qr.new_zeros(len(rows), size, D)  # (n_tiles, size, D)
-        q_tiles.index_put_((tile, slot), qr[..., :-1, :].flatten(0, -2))  # pair i -> its slot
-        k_tiles, v_tiles = self._chunks(rows)  # (n_tiles, w, D) each: one read of a chunk
-        out, lse = attention_lse(q_tiles, k_tiles, v_tiles)  # (n_tiles, size, D), (.., size)
-        # back from (tile, slot) to (query, rank): (B, Hkv, G, b, K - 1, D) and (..., K - 1)
-        out, lse = (x[tile, slot].view(B, Hkv, G, b, K - 1, *x.shape[2:]) for x in (out, lse))
-        own_out, own_lse = self._own_chunk(qr[..., -1, :], s, e)  # rank K - 1
-        out = torch.cat([out, own_out[..., None, :]], -2)  # (B, Hkv, G, b, K, D)
-        lse = torch.cat([lse, own_lse[..., None]], -1)  # (B, Hkv, G, b, K)
-        return merge(out, lse).to(q.dtype)  # (B, Hkv, G, b, D)
+        slots = sum(len(key) * length for key, length in groups)
+        q_rows = qr.new_zeros(slots, D).index_copy_(0, place, qr.reshape(-1, D))  # (slots, D)
+        out, lse, first = [], [], 0
+        for key, length in groups:  # one fused call per row length
+            rows = key // m * n + key % m  # (n_rows,): rows of k.view(-1, w, D)
+            k_rows, v_rows = self._chunks(rows)  # (n_rows, w, D) each: one read of a chunk
+            last = first + len(key) * length
+            o, l = attention_lse(q_rows[first:last].view(-1, length, D), k_rows, v_rows)
+            out.append(o.view(-1, D)), lse.append(l.view(-1))  # (n_rows * length, D), (..,)
+            first = last
+        # back from the rows to (query, rank): (B, Hkv, G, b, K - 1, D) and (..., K - 1)
+        out, lse = (torch.cat(x).index_select(0, place) for x in (out, lse))
+        own_out, own_lse = self._own_chunk(apply_rope(q, cos[:, -1], sin[:, -1]), s, e)
+        return merge(out.view(*qr.shape), lse.view(qr.shape[:-1]), own_out, own_lse).to(q.dtype)
 
     def _own_chunk(self, q, s, e):
         """Queries s..e-1, q (B, Hkv, G, b, D) rotated for rank K - 1, read their own chunk up to
@@ -433,32 +439,49 @@ def attention_lse_plain(q, k, v, mask=None):
     return (logits.sub_(lse[..., None]).exp_() @ v.to(wide)), lse  # (N, L, D), (N, L)
 
 
-def merge(out, lse):
-    """Merge m pieces of one softmax: out (..., m, D) and lse (..., m) -> attention (..., D)."""
-    weight = torch.softmax(lse, dim=-1)  # (..., m): each piece's share of the total mass
-    return (weight[..., None] * out).sum(-2)
+def merge(out, lse, one, one_lse):
+    """One softmax from its pieces: m pieces out (..., m, D), lse (..., m), and one more, one
+    (..., D), one_lse (...), -> attention (..., D), each piece weighed by its share of the mass."""
+    weight = torch.softmax(torch.cat([lse, one_lse[..., None]], -1), dim=-1)  # (..., m + 1)
+    # why a matmul: it reads the pieces once, where `(weight * out).sum()` writes them again
+    return (weight[..., None, :-1] @ out).squeeze(-2) + weight[..., -1:] * one
 
 
-def pack(key, size, num_keys):
-    """Group equal keys into tiles of `size`: the tile and slot of every item, and each tile's key.
+def pack(key, size, num_keys, whole=True):
+    """Lay items out in rows by key, rows end to end, for one fused kernel call per row length.
 
-    key: (P,) integers in [0, num_keys). Items with the same key fill tiles one after another;
-    only a key's last tile can be partly empty. Returns tile (P,), slot (P,), tile_key (n_tiles,).
+    key: (P,) integers in [0, num_keys). whole: one row per key, its items padded to a multiple
+    of size; else rows of size (tiles), a key's items filling them one after another.
+    Returns place (P,): each item's index in the rows laid end to end, and the rows as groups
+    [(key (n,), length)]: n rows of that length and keys, in order, one group per length.
     """
     ones = torch.ones_like(key)
     count = torch.zeros(num_keys, dtype=torch.long, device=key.device).index_add_(0, key, ones)
-    tiles = (count + size - 1) // size  # (num_keys,): tiles per key
-    first_tile, first_item = tiles.cumsum(0) - tiles, count.cumsum(0) - count  # (num_keys,) each
+    tiles = (count + size - 1) // size  # (num_keys,): rows of size per key
     order = key.argsort(stable=True)  # (P,): items grouped by key
     place = torch.empty_like(key)  # (P,): an item's place among the items of its key
+    first_item = count.cumsum(0) - count  # (num_keys,)
     place[order] = torch.arange(len(key), device=key.device) - first_item[key[order]]
+    if whole:
+        length = tiles * size  # (num_keys,): each key's row, 0 where a key has no items
+        by_length = length.argsort(stable=True)  # (num_keys,): rows of a length together
+        ordered = length[by_length]
+        start = torch.empty_like(length)
+        start[by_length] = ordered.cumsum(0) - ordered  # (num_keys,): where a key's row begins
+        lengths, counts = torch.unique_consecutive(ordered, return_counts=True)  # host: shapes
+        ends = counts.cumsum(0)
+        groups = [(by_length[end - c:end], L) for L, c, end in
+                  zip(lengths.tolist(), counts.tolist(), ends.tolist()) if L]
+        return start[key] + place, groups
+    first_tile = tiles.cumsum(0) - tiles  # (num_keys,)
     tile, slot = first_tile[key] + place // size, place % size  # (P,) each
     full, bound = len(key) // size, len(key) // size + min(num_keys, len(key))
     # why: on CUDA the exact count is a host-device sync; the bound needs none but computes empty
     # tiles, so it is taken where they are at most as many as the full ones (on the CPU, never)
     n_tiles = bound if key.is_cuda and bound <= 2 * full + 1 else int(tiles.sum())
     tile_key = torch.zeros(n_tiles, dtype=torch.long, device=key.device)
-    return tile, slot, tile_key.index_put_((tile,), key)  # (n_tiles,): empty tiles keep key 0
+    tile_key.index_put_((tile,), key)  # (n_tiles,): empty tiles keep key 0
+    return tile * size + slot, [(tile_key, size)]
 
 
 # ----------------------------------------------------------------------------- argument checks

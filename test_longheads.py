@@ -244,13 +244,35 @@ def test_selections_obey_the_rule(problem):
 
 
 @PROPERTY
-@given(st.lists(st.integers(0, 9), min_size=1, max_size=300), st.integers(1, 8))
-def test_pack_groups_equal_keys_into_tiles(keys, size):
+@given(st.integers(5, 12), st.integers(3, 5), st.integers(2, 3), st.sampled_from(LAYOUTS),
+       st.integers(0, 2**31 - 1))
+def test_selection_breaks_ties_as_the_reference(g, K, local, layout, seed):
+    """Scores from three values: most candidates tie, as on repeated text; the earlier wins."""
+    local = min(local, K - 1)
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 3, (2, 4, g - 1), generator=gen).double()  # (heads, b, n - 1)
+    ids = select_chunks(scores, torch.full((4,), g), K, layout, local)  # (heads, b, K)
+    for h in range(2):
+        for i in range(4):
+            score = {j: float(scores[h, i, j - 1]) for j in range(1, g)}
+            assert ids[h, i].tolist() == reference_selection(score, g, K, layout, local)
+
+
+@PROPERTY
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=300), st.integers(1, 8), st.booleans())
+def test_pack_lays_items_out_in_rows_of_their_key(keys, size, whole):
     key = torch.tensor(keys)
-    tile, slot, tile_key = pack(key, size, 10)
-    assert (tile_key[tile] == key).all()  # every item sits in a tile of its key
-    assert len(set(zip(tile.tolist(), slot.tolist()))) == len(keys) and (slot < size).all()
-    assert len(tile_key) == sum(-(-keys.count(k) // size) for k in set(keys))  # no tile wasted
+    place, groups = pack(key, size, 10, whole=whole)
+    assert [length for _, length in groups] == sorted({length for _, length in groups})
+    slot_key = torch.cat([k.repeat_interleave(length) for k, length in groups])  # every slot's
+    assert (slot_key[place] == key).all()  # every item sits in a row of its key
+    assert len(set(place.tolist())) == len(keys)  # one slot each
+    rows = [(k, length) for ks, length in groups for k in ks.tolist()]
+    if whole:  # a key's items make one row, padded to a multiple of size
+        assert sorted(rows) == sorted((k, -(-keys.count(k) // size) * size) for k in set(keys))
+    else:  # rows of size, no row wasted
+        assert all(length == size for _, length in rows)
+        assert len(rows) == sum(-(-keys.count(k) // size) for k in set(keys))
 
 
 @FAST
