@@ -3,6 +3,7 @@
     python bench.py                       # 4k, 8k, 16k: about 10 minutes on 2 CPU cores
     python bench.py --lengths 8192 32768 --json bench.json
     python bench.py --lengths --decode-lengths --attention-lengths 32768   # attention alone
+    python bench.py --lengths 8192 32768 --also 128x16   # the defaults and 128 x 16, one run
     python bench.py --shape llama2-7b --device cuda --lengths 8192 32768 131072 --offload
 
 What it measures, each in a fresh subprocess so that its peak memory is its own:
@@ -15,7 +16,8 @@ What it measures, each in a fresh subprocess so that its peak memory is its own:
 and the ratios that matter: t(4T) / t(T) (linear is 4, quadratic 16), longheads / full at each
 length, memory(4T) / memory(T), decode(32k) / decode(4k) and longheads / full at each length,
 SDPA / tiled and short / tiled.
-LongHeads runs the project's defaults (longheads.py) unless --chunk-size etc. say otherwise.
+LongHeads runs the project's defaults (longheads.py) unless --chunk-size etc. say otherwise;
+--also adds settings (chunk size x chunks per head), each measured wherever LongHeads is.
 The machine is shared and noisy, so targets are ratios from one run, never absolute times.
 Every timing follows a short warm-up and is the median of --repeat runs (default 1: a 32k
 prefill takes minutes on a CPU).
@@ -127,11 +129,11 @@ def decode_steps(model, length, steps, device):
 
 def attention_alone(model, path, inputs, length, chunk_size, num_chunks, device, dtype, repeat,
                     profile=False):
+    # num_chunks: the setting's, resolved by measure()
     """Seconds of SDPA, tiled_attention and longheads_attention: {"sdpa": s, "tiled": s,
     "short": s}, on q, k, v of the model's head shape, either random or, inputs "text", the first
     layer's q, k, v of a passkey prompt (real text: neighbouring queries pick alike)."""
     cfg, gen = model.config, torch.Generator(device=device).manual_seed(0)
-    num_chunks = num_chunks or default_num_chunks(cfg.max_position_embeddings, chunk_size)
     opts = dict(chunk_size=chunk_size, num_chunks=num_chunks, rope_theta=cfg.rope_theta)
     fns = dict(sdpa=lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                    enable_gqa=True),
@@ -190,6 +192,9 @@ def measure(args):
     kind, attention, length = args.one
     length = int(length)
     model, path = load(args, attention)
+    num_chunks = args.num_chunks or default_num_chunks(model.config.max_position_embeddings,
+                                                       args.chunk_size)
+    setting = {} if attention == "full" else dict(setting=f"{args.chunk_size}x{num_chunks}")
     if kind == "prefill":
         prefill(model, prompt(path, model, WARMUP_TOKENS).to(args.device))
         ids = prompt(path, model, length).to(args.device)
@@ -203,19 +208,22 @@ def measure(args):
     elif kind == "decode":
         result = dict(ms_per_token=decode_steps(model, length, DECODE_STEPS, args.device))
     else:
-        seconds = attention_alone(model, path, attention, length, args.attn_chunk_size,
-                                  args.attn_num_chunks, args.device, getattr(torch, args.dtype),
+        seconds = attention_alone(model, path, attention, length, args.chunk_size,
+                                  num_chunks, args.device, getattr(torch, args.dtype),
                                   args.repeat, args.profile)
         result = {f"{name}_seconds": s for name, s in seconds.items()}
     name = str(path or args.shape or "smollm2")
-    print(json.dumps(dict(kind=kind, attention=attention, length=length, model=name, **result)))
+    print(json.dumps(dict(kind=kind, attention=attention, length=length, model=name, **setting,
+                          **result)))
 
 
 # ----------------------------------------------------------------------------- the run
 
-def child(args, kind, attention, length):
-    """One measurement in a fresh process; a failure (e.g. out of memory) is recorded, not fatal."""
-    argv = [sys.executable, __file__, "--one", kind, attention, str(length)] + passthrough(args)
+def child(args, kind, attention, length, setting=None):
+    """One measurement in a fresh process; a failure (e.g. out of memory) is recorded, not fatal.
+    setting: (chunk size, chunks per head or None) for LongHeads, else --chunk-size's."""
+    argv = [sys.executable, __file__, "--one", kind, attention, str(length)]
+    argv += passthrough(args, setting or (args.chunk_size, args.num_chunks))
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or ["exit code %d" % done.returncode])[-1]
@@ -225,44 +233,55 @@ def child(args, kind, attention, length):
         print(done.stderr, file=sys.stderr)
     record = json.loads(done.stdout.strip().splitlines()[-1])
     numbers = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
-    print(f"  {kind} {attention} {length}: {numbers}", file=sys.stderr)
+    label = " ".join(x for x in (kind, attention, record.get("setting"), str(length)) if x)
+    print(f"  {label}: {numbers}", file=sys.stderr)
     return record
 
 
-def passthrough(args):
+def passthrough(args, setting):
+    chunk_size, num_chunks = setting
     out = ["--device", args.device, "--dtype", args.dtype, "--repeat", str(args.repeat),
-           "--chunk-size", str(args.chunk_size), "--select", args.select,
-           "--layout", args.layout, "--local-chunks", str(args.local_chunks),
-           "--attn-chunk-size", str(args.attn_chunk_size)]
-    out += ["--num-chunks", str(args.num_chunks)] if args.num_chunks else []
-    out += ["--attn-num-chunks", str(args.attn_num_chunks)] if args.attn_num_chunks else []
+           "--chunk-size", str(chunk_size), "--select", args.select,
+           "--layout", args.layout, "--local-chunks", str(args.local_chunks)]
+    out += ["--num-chunks", str(num_chunks)] if num_chunks else []
     out += ["--profile"] if args.profile else []
     return out + (["--shape", args.shape] if args.shape else [])
 
 
 def run(args):
-    records = []
+    """Every measurement: full attention once per length, LongHeads once per setting."""
+    settings, records = [(args.chunk_size, args.num_chunks)] + args.also, []
     for length in args.lengths:
-        for attention in ["full", "longheads"] + ["offload"] * args.offload:
-            if attention == "full" and args.full_max and length > args.full_max:
-                continue
-            records.append(child(args, "prefill", attention, length))
+        if not (args.full_max and length > args.full_max):
+            records.append(child(args, "prefill", "full", length))
+        for setting in settings:
+            for attention in ["longheads"] + ["offload"] * args.offload:
+                records.append(child(args, "prefill", attention, length, setting))
     for length in args.decode_lengths:
-        for attention in ["full", "longheads"]:
-            records.append(child(args, "decode", attention, length))
+        records.append(child(args, "decode", "full", length))
+        records += [child(args, "decode", "longheads", length, s) for s in settings]
     on_disk = default_model(args) is not None
     for length in args.attention_lengths:
         for inputs in ["random"] + ["text"] * on_disk:  # real text needs the tokenizer
-            records.append(child(args, "attention", inputs, length))
+            records += [child(args, "attention", inputs, length, s) for s in settings]
     return records
+
+
+def setting(text):
+    """--also's "WxK" -> (chunk size, chunks per head)."""
+    try:
+        w, k = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write a setting as WxK, e.g. 128x16")
+    return w, k
 
 
 def ratios(records):
     """The ratios the targets are stated in, from the records of one run."""
     ok = [r for r in records if "error" not in r]
-    pre = {(r["attention"], r["length"]): r for r in ok if r["kind"] == "prefill"}
+    pre = {(label(r), r["length"]): r for r in ok if r["kind"] == "prefill"}
     out = {}
-    for attention in ["full", "longheads", "offload"]:
+    for attention in sorted({a for a, _ in pre}):
         lengths = sorted(t for a, t in pre if a == attention)
         pairs = [(t, 4 * t) for t in lengths if 4 * t in lengths]
         if pairs:
@@ -273,21 +292,29 @@ def ratios(records):
     for (a, t), r in sorted(pre.items()):
         if a != "full" and ("full", t) in pre:
             out[f"{a}/full time at {t}"] = r["seconds"] / pre["full", t]["seconds"]
-    dec = {(r["attention"], r["length"]): r["ms_per_token"] for r in ok if r["kind"] == "decode"}
-    for attention in ["full", "longheads"]:
+    dec = {(label(r), r["length"]): r["ms_per_token"] for r in ok if r["kind"] == "decode"}
+    for attention in sorted({a for a, _ in dec}):
         lengths = sorted(t for a, t in dec if a == attention)
         if len(lengths) >= 2:
             lo, hi = lengths[0], lengths[-1]
             out[f"{attention} decode ms/token {hi}/{lo}"] = dec[attention, hi] / dec[attention, lo]
     for (a, t), ms in sorted(dec.items()):
-        if a == "longheads" and ("full", t) in dec:
-            out[f"decode longheads/full at {t}"] = ms / dec["full", t]
+        if a != "full" and ("full", t) in dec:
+            out[f"decode {a}/full at {t}"] = ms / dec["full", t]
     for r in ok:
         if r["kind"] == "attention":
-            t, where = r["tiled_seconds"], f"({r['attention']} q, k, v) at {r['length']}"
-            out[f"attention alone sdpa/tiled {where}"] = r["sdpa_seconds"] / t
-            out[f"attention alone short/tiled {where}"] = r["short_seconds"] / t
+            t, T, at = r["tiled_seconds"], r["length"], f"{r['setting']} at {r['length']}"
+            for other in ["sdpa", "short"]:
+                out[f"attention alone {other}/tiled ({r['attention']} q, k, v) {at}"] = (
+                    r[f"{other}_seconds"] / t)
+            w, k = (int(x) for x in r["setting"].split("x"))
+            out[f"scores full/longheads {at}"] = T / (2 * k * w)  # T^2 / 2 against T * K * w
     return out
+
+
+def label(r):
+    """A record's attention: "full", or LongHeads and its setting, "longheads 256x32"."""
+    return f"{r['attention']} {r['setting']}" if "setting" in r else r["attention"]
 
 
 def table(records, ratio):
@@ -303,7 +330,7 @@ def table(records, ratio):
         else:
             result = (f"SDPA {r['sdpa_seconds']:.2f} s, tiled {r['tiled_seconds']:.2f} s, "
                       f"short {r['short_seconds']:.2f} s")
-        lines.append(f"| {r['kind']} | {r['attention']} | {r['length']} | {result} |")
+        lines.append(f"| {r['kind']} | {label(r)} | {r['length']} | {result} |")
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in ratio.items()]
     return "\n".join(lines)
@@ -331,10 +358,9 @@ def parse_args(argv=None):
                    help="LongHeads' order of picked chunks in the model")
     p.add_argument("--local-chunks", type=int, default=LOCAL_CHUNKS,
                    help="LongHeads' newest chunks always read, in the model")
-    p.add_argument("--attn-chunk-size", type=int, default=CHUNK_SIZE,
-                   help="chunk size for attention alone")
-    p.add_argument("--attn-num-chunks", type=int,
-                   help="chunks per head for attention alone (default: the project's)")
+    p.add_argument("--also", type=setting, nargs="*", default=[], metavar="WxK",
+                   help="more LongHeads settings, chunk size x chunks per head (e.g. 128x16), "
+                        "measured in the same run wherever LongHeads is")
     p.add_argument("--offload", action="store_true",
                    help="also LongHeads with its keys and values in pinned CPU memory (CUDA)")
     p.add_argument("--profile", action="store_true",
@@ -358,8 +384,7 @@ def check_args(p, args):
         p.error("--device cuda: no CUDA device is available here; use --device cpu")
     if args.offload and not args.device.startswith("cuda"):
         p.error("--offload moves LongHeads' cache from a GPU to CPU memory: it needs --device cuda")
-    for chunk_size, num_chunks in [(args.chunk_size, args.num_chunks),
-                                   (args.attn_chunk_size, args.attn_num_chunks)]:
+    for chunk_size, num_chunks in [(args.chunk_size, args.num_chunks)] + args.also:
         try:  # what can be checked before the model says its trained length
             check_config(1, 1, chunk_size, num_chunks or max(3, args.local_chunks + 1),
                          local_chunks=args.local_chunks)

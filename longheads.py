@@ -154,7 +154,7 @@ LAYOUTS = ("position", "score")  # the order of the picked chunks: the paper's, 
 SELECTS = ("summary", "maxkey")  # how candidates are scored: the paper's, or a chunk's best key
 SUMMARY_TOKENS = 4096  # chunks are summarised this many tokens at a time (bounds working memory)
 BLOCK_SCORES = 2**24  # default query block: about this many (query, key) scores (64 MiB float32)
-TILE = 64  # (query, chunk) pairs that share one read of a chunk's keys
+TILE = 32  # (query, chunk) pairs: a row is padded to a multiple of it (CPU), or is it (CUDA)
 MASK_BLOCK = 1024  # queries per masked SDPA call after a cached prefix (it computes masked scores)
 
 
