@@ -358,8 +358,10 @@ class LongHeadsCache(torch.nn.Module):
         pair_key = (ids[..., :-1] + heads).flatten()  # (P,), P = B * Hkv * G * b * (K - 1)
         size = min(TILE, G * b)  # no chunk is picked by more pairs than the group has queries
         # why whole rows on the CPU: a row per chunk reads its keys once; on CUDA, rows of `size`
-        # are what pack can lay out without waiting for the GPU
-        place, groups = pack(pair_key, size, B * Hkv * m, whole=not q.is_cuda)  # (P,), rows
+        # are what pack can lay out without waiting for the GPU; and where no chunk can have more
+        # than `size` pairs (a decoding step), rows of `size` are whole rows, in one group
+        whole = not q.is_cuda and G * b > size
+        place, groups = pack(pair_key, size, B * Hkv * m, whole=whole)  # (P,), rows
         n = self.k.shape[2] // w  # chunks the cache holds, per head
         slots = sum(len(key) * length for key, length in groups)
         q_rows = qr.new_zeros(slots, D).index_copy_(0, place, qr.reshape(-1, D))  # (slots, D)
