@@ -371,7 +371,8 @@ class LongHeadsCache(torch.nn.Module):
             k_rows, v_rows = self._chunks(rows)  # (n_rows, w, D) each: one read of a chunk
             last = first + len(key) * length
             o, l = attention_lse(q_rows[first:last].view(-1, length, D), k_rows, v_rows)
-            out.append(o.view(-1, D)), lse.append(l.view(-1))  # (n_rows * length, D), (..,)
+            out.append(o.view(-1, D))  # (n_rows * length, D)
+            lse.append(l.view(-1))  # (n_rows * length,)
             first = last
         # back from the rows to (query, rank): (B, Hkv, G, b, K - 1, D) and (..., K - 1)
         out, lse = (torch.cat(x).index_select(0, place) for x in (out, lse))
