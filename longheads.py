@@ -362,11 +362,21 @@ class LongHeadsCache(torch.nn.Module):
         # than `size` pairs (a decoding step), rows of `size` are whole rows, in one group
         whole = not q.is_cuda and G * b > size
         place, groups = pack(pair_key, size, B * Hkv * m, whole=whole)  # (P,), rows
-        n = self.k.shape[2] // w  # chunks the cache holds, per head
         slots = sum(len(key) * length for key, length in groups)
         q_rows = qr.new_zeros(slots, D).index_copy_(0, place, qr.reshape(-1, D))  # (slots, D)
+        out, lse = self._read_rows(q_rows, groups, m)  # (slots, D), (slots,)
+        # back from the rows to (query, rank): (B, Hkv, G, b, K - 1, D) and (..., K - 1)
+        out, lse = out.index_select(0, place), lse.index_select(0, place)
+        own_out, own_lse = self._own_chunk(apply_rope(q, cos[:, -1], sin[:, -1]), s, e)
+        return merge(out.view(*qr.shape), lse.view(qr.shape[:-1]), own_out, own_lse).to(q.dtype)
+
+    def _read_rows(self, q_rows, groups, m):
+        """Each row of pairs against its chunk's keys: q_rows (slots, D) as pack laid them out,
+        groups [(key, length)], keys head * m + chunk -> attention_lse's out (slots, D) and lse
+        (slots,), one fused call per row length."""
+        n, D = self.k.shape[2] // self.w, q_rows.shape[-1]  # n: chunks the cache holds, per head
         out, lse, first = [], [], 0
-        for key, length in groups:  # one fused call per row length
+        for key, length in groups:
             rows = key // m * n + key % m  # (n_rows,): rows of k.view(-1, w, D)
             k_rows, v_rows = self._chunks(rows)  # (n_rows, w, D) each: one read of a chunk
             last = first + len(key) * length
@@ -374,10 +384,7 @@ class LongHeadsCache(torch.nn.Module):
             out.append(o.view(-1, D))  # (n_rows * length, D)
             lse.append(l.view(-1))  # (n_rows * length,)
             first = last
-        # back from the rows to (query, rank): (B, Hkv, G, b, K - 1, D) and (..., K - 1)
-        out, lse = (torch.cat(x).index_select(0, place) for x in (out, lse))
-        own_out, own_lse = self._own_chunk(apply_rope(q, cos[:, -1], sin[:, -1]), s, e)
-        return merge(out.view(*qr.shape), lse.view(qr.shape[:-1]), own_out, own_lse).to(q.dtype)
+        return torch.cat(out), torch.cat(lse)
 
     def _own_chunk(self, q, s, e):
         """Queries s..e-1, q (B, Hkv, G, b, D) rotated for rank K - 1, read their own chunk up to
