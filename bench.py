@@ -195,6 +195,10 @@ def measure(args):
     num_chunks = args.num_chunks or default_num_chunks(model.config.max_position_embeddings,
                                                        args.chunk_size)
     setting = {} if attention == "full" else dict(setting=f"{args.chunk_size}x{num_chunks}")
+    trained = model.config.max_position_embeddings
+    if setting and args.chunk_size * num_chunks > trained:  # as passkey.py refuses it
+        sys.exit(f"{setting['setting']}: chunk size x chunks = {args.chunk_size * num_chunks} "
+                 f"exceeds the model's trained length {trained}")
     if kind == "prefill":
         prefill(model, prompt(path, model, WARMUP_TOKENS).to(args.device))
         ids = prompt(path, model, length).to(args.device)
