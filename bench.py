@@ -42,7 +42,7 @@ from model import Llama, LlamaConfig
 SHAPES = {  # random-weight Llamas with the cost of real ones
     "tiny": dict(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                 max_position_embeddings=2048),
+                 max_position_embeddings=4096),  # as llama2-7b
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                     head_dim=64, rope_theta=100000.0, max_position_embeddings=8192,
