@@ -129,10 +129,10 @@ def decode_steps(model, length, steps, device):
 
 def attention_alone(model, path, inputs, length, chunk_size, num_chunks, device, dtype, repeat,
                     profile=False):
-    # num_chunks: the setting's, resolved by measure()
     """Seconds of SDPA, tiled_attention and longheads_attention: {"sdpa": s, "tiled": s,
     "short": s}, on q, k, v of the model's head shape, either random or, inputs "text", the first
-    layer's q, k, v of a passkey prompt (real text: neighbouring queries pick alike)."""
+    layer's q, k, v of a passkey prompt (real text: neighbouring queries pick alike).
+    num_chunks: the setting's, resolved (measure() applies the trained-length rule)."""
     cfg, gen = model.config, torch.Generator(device=device).manual_seed(0)
     opts = dict(chunk_size=chunk_size, num_chunks=num_chunks, rope_theta=cfg.rope_theta)
     fns = dict(sdpa=lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
@@ -192,10 +192,9 @@ def measure(args):
     kind, attention, length = args.one
     length = int(length)
     model, path = load(args, attention)
-    num_chunks = args.num_chunks or default_num_chunks(model.config.max_position_embeddings,
-                                                       args.chunk_size)
-    setting = {} if attention == "full" else dict(setting=f"{args.chunk_size}x{num_chunks}")
     trained = model.config.max_position_embeddings
+    num_chunks = args.num_chunks or default_num_chunks(trained, args.chunk_size)
+    setting = {} if attention == "full" else dict(setting=f"{args.chunk_size}x{num_chunks}")
     if setting and args.chunk_size * num_chunks > trained:  # as passkey.py refuses it
         sys.exit(f"{setting['setting']}: chunk size x chunks = {args.chunk_size * num_chunks} "
                  f"exceeds the model's trained length {trained}")
@@ -271,7 +270,7 @@ def run(args):
     return records
 
 
-def setting(text):
+def parse_setting(text):
     """--also's "WxK" -> (chunk size, chunks per head)."""
     try:
         w, k = (int(x) for x in text.lower().split("x"))
@@ -362,7 +361,7 @@ def parse_args(argv=None):
                    help="LongHeads' order of picked chunks in the model")
     p.add_argument("--local-chunks", type=int, default=LOCAL_CHUNKS,
                    help="LongHeads' newest chunks always read, in the model")
-    p.add_argument("--also", type=setting, nargs="*", default=[], metavar="WxK",
+    p.add_argument("--also", type=parse_setting, nargs="*", default=[], metavar="WxK",
                    help="more LongHeads settings, chunk size x chunks per head (e.g. 128x16), "
                         "measured in the same run wherever LongHeads is")
     p.add_argument("--offload", action="store_true",
