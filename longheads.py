@@ -154,6 +154,7 @@ LAYOUTS = ("position", "score")  # the order of the picked chunks: the paper's, 
 SELECTS = ("summary", "maxkey")  # how candidates are scored: the paper's, or a chunk's best key
 SUMMARY_TOKENS = 4096  # chunks are summarised this many tokens at a time (bounds working memory)
 BLOCK_SCORES = 2**24  # default query block: about this many (query, key) scores (64 MiB float32)
+BLOCK_QUERIES = 512  # ... and at most this many queries, or one chunk of them if more
 TILE = 32  # (query, chunk) pairs: a row is padded to a multiple of it (CPU), or is it (CUDA)
 MASK_BLOCK = 1024  # queries per masked SDPA call after a cached prefix (it computes masked scores)
 
@@ -223,9 +224,12 @@ class LongHeadsCache(torch.nn.Module):
                              "without a CUDA device there is nothing to offload: drop offload")
         self.w, self.K, self.groups = chunk_size, num_chunks, num_heads // num_kv_heads
         self.layout, self.select, self.local_chunks = layout, select, local_chunks
-        # a block's working memory: its (query, key) scores, and its own-chunk window b x (b + w)
+        # a block's working memory: its (query, key) scores, and its own-chunk window b x (b + w);
+        # with a small budget a block holds several chunks of queries, so that the fixed cost of
+        # a block (selection, layout, some 200 small operations) is shared by more queries
         per_query = batch * num_heads * num_chunks * chunk_size
-        self.block_size = block_size or max(1, min(chunk_size, BLOCK_SCORES // per_query))
+        most = max(chunk_size, BLOCK_QUERIES)
+        self.block_size = block_size or max(1, min(most, BLOCK_SCORES // per_query))
         self.max_len, self.length, self.scratch = max_len, 0, {}
         n = -(-max_len // chunk_size)  # chunks, the last one possibly partial
         # offload: keys and values live in pinned CPU memory; only what a block reads moves over

@@ -31,11 +31,37 @@ from longheads import BLOCK_SCORES, CHUNK_SIZE, LAYOUT, LAYOUTS, LOCAL_CHUNKS, S
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
         "them. I will quiz you about the important information there.")
-FILLER = (" The grass is green. The sky is blue. The sun is yellow. Here we go. "
-          "There and back again.")
-KEY_LINE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
-QUESTION = "\nWhat is the pass key? The pass key is"
+# the needle (a line with the key, twice) and the question it answers; "passkey" is the paper's
+WORDINGS = {
+    "passkey": ("\nThe pass key is {key}. Remember it. {key} is the pass key.\n",
+                "\nWhat is the pass key? The pass key is"),
+    "code": ("\nThe secret code is {key}. Write it down: the secret code is {key}.\n",
+             "\nWhat is the secret code? The secret code is"),
+    "number": ("\nMy lucky number is {key}. Keep it in mind, my lucky number is {key}.\n",
+               "\nWhat is my lucky number? My lucky number is"),
+}
+KEY_LINE, QUESTION = WORDINGS["passkey"]
+# sentences repeated to any length; "filler" is the paper's, "facts" a second one with other words
+FILLERS = {
+    "filler": (" The grass is green. The sky is blue. The sun is yellow. Here we go. "
+               "There and back again."),
+    "facts": (" Rivers run down to the sea. Bread rises in a warm oven. Owls hunt at night. "
+              "Ice melts in the spring sun. A kettle sings when the water boils."),
+}
+FILLER = FILLERS["filler"]
+HAYSTACKS = (*FILLERS, "book")  # "book": War and Peace (book.py), real prose
 NEW_TOKENS = 10  # enough for a 5-digit key, one digit per token, and a leading space
+SEGMENT = 2048  # tokens per prefill call (prefill())
+# LongHeads' two named settings, each for what it serves (README: "Which setting")
+SETTINGS = {
+    "retrieval": dict(chunk_size=128, num_chunks=8, layout="score",
+                      why="a 1024-token budget, what this 135M model retrieves over "
+                          "(RESULTS.md §2)"),
+    "paper": dict(chunk_size=CHUNK_SIZE, num_chunks=None, layout=LAYOUT,
+                  why="the paper's rule, a budget of the trained length: exact inside it, flat "
+                      "perplexity past it (RESULTS.md §1)"),
+}
+SETTING_OPTIONS = ("chunk_size", "num_chunks", "layout")
 
 
 class UsageError(Exception):
@@ -44,13 +70,14 @@ class UsageError(Exception):
 
 # ----------------------------------------------------------------------------- the prompt
 
-def prompt_parts(tok, length, depth, key, haystack="filler"):
+def prompt_parts(tok, length, depth, key, haystack="filler", wording="passkey"):
     """The prompt of `length` tokens with the key line after `depth` of the haystack, in two
     parts: (the task and the haystack before the key line, the rest). The first part does not
     depend on the key, and the one of a smaller depth is a prefix of it: trials can share its
     prefill. The key line goes between whole filler sentences, or at a line break of the book."""
     head = task_head(tok)
-    key_ids, question = (tok.continuation(s) for s in (KEY_LINE.format(key=key), QUESTION))
+    key_line, question = WORDINGS[wording]
+    key_ids, question = (tok.continuation(s) for s in (key_line.format(key=key), question))
     room = length - len(head) - len(key_ids) - len(question)  # tokens of haystack
     if room < 0:
         raise UsageError(f"--len {length} is shorter than the prompt's fixed parts "
@@ -58,6 +85,25 @@ def prompt_parts(tok, length, depth, key, haystack="filler"):
     hay, cut = haystack_tokens(tok, haystack, room)
     before = cut(depth * room)
     return head + hay[:before], key_ids + hay[before:room] + question
+
+
+def truncated_parts(tok, parts, keep, wording="passkey"):
+    """The `truncated` baseline's prompt from a prompt's parts: the task line and the prompt's
+    last `keep` tokens, again as (shared, rest). The rest starts at the key line if the cut kept
+    it; else it is the question, and the shared part is the same for every key cut away."""
+    shared, rest = parts
+    ids, head = shared + rest, len(task_head(tok))
+    cut = max(head, len(ids) - keep)
+    key_at = head + len(shared) - cut  # where the key line starts in the truncated prompt
+    ids = ids[:head] + ids[cut:]
+    split = key_at if key_at >= head else len(ids) - len(tok.continuation(WORDINGS[wording][1]))
+    return ids[:split], ids[split:]
+
+
+def build_prompt(tok, length, depth, key, haystack="filler", wording="passkey"):
+    """Token ids of exactly `length` tokens with the key line after `depth` of the haystack."""
+    shared, rest = prompt_parts(tok, length, depth, key, haystack, wording)
+    return shared + rest
 
 
 def task_head(tok):
@@ -68,8 +114,8 @@ def task_head(tok):
 def haystack_tokens(tok, haystack, room):
     """At least `room` tokens of the haystack, and where a key line may go: cut(i) is the last
     allowed place <= i (always one at 0)."""
-    if haystack == "filler":
-        filler = tok.continuation(FILLER)
+    if haystack in FILLERS:
+        filler = tok.continuation(FILLERS[haystack])
         whole = room // len(filler)  # the key line never sits in the cut-off last sentence
         return filler * (whole + 1), lambda i: min(round(i / len(filler)), whole) * len(filler)
     from book import book_tokens
@@ -78,15 +124,9 @@ def haystack_tokens(tok, haystack, room):
     return ids, lambda i: next(j for j in range(round(i), -1, -1) if line_break(j))
 
 
-def build_prompt(tok, length, depth, key, haystack="filler"):
-    """Token ids of exactly `length` tokens with the key line after `depth` of the haystack."""
-    shared, rest = prompt_parts(tok, length, depth, key, haystack)
-    return shared + rest
-
-
-def key_digits(tok, ids, key):
+def key_digits(tok, ids, key, wording="passkey"):
     """Positions of the key's digit tokens in a prompt (both times it is written)."""
-    line = tok.continuation(KEY_LINE.format(key=key))
+    line = tok.continuation(WORDINGS[wording][0].format(key=key))
     start = next(i for i in range(len(ids)) if ids[i:i + len(line)] == line)
     return [start + j for j, t in enumerate(line) if tok.decode([t]).strip().isdigit()]
 
@@ -101,76 +141,109 @@ def first_integer(text):
     return int(match.group()) if match else None
 
 
-# ----------------------------------------------------------------------------- one trial
+# ----------------------------------------------------------------------------- the trials
+
+def trial_prompts(model, tok, length, trials, attention, args):
+    """The (shared, rest) parts of each trial's prompt, trials as (depth, key) pairs in order of
+    depth: so the shared part of one trial is a prefix of the next one's, or starts anew."""
+    for depth, key in sorted(trials, key=lambda trial: trial[0]):
+        parts = prompt_parts(tok, length, depth, key, args.haystack, args.wording)
+        if attention == "truncated":  # the answer stays inside the trained length too
+            keep = model.config.max_position_embeddings - NEW_TOKENS - len(task_head(tok))
+            parts = truncated_parts(tok, parts, keep, args.wording)
+        yield depth, key, parts
+
 
 @torch.no_grad()
-def run_trials(model, tok, length, trials, device, haystack="filler"):
-    """Greedy answers to prompts of one length. trials: (depth, key) pairs, run in order of
-    depth; yields (depth, key, generated text, seconds) for each.
+def answer(model, prompts, device):
+    """Greedy answers to prompts given as (shared, rest) token lists; yields (text ids, seconds)
+    for each, in order.
 
-    All these prompts start with the same filler, up to their key lines. So the filler is
-    prefilled once, into caches that grow depth by depth, and each trial goes on from a copy of
-    them: the attention of one prefill of the whole prompt, for a fraction of the work. A
-    trial's seconds are the work done for it (any filler not yet shared, then its own rest).
+    Trials share a lot: every prompt of a sweep starts with the same haystack, up to its key
+    line. So the shared parts go into caches that grow prompt by prompt, and each prompt goes on
+    from a copy of them: the attention of one prefill of the whole prompt, for a fraction of the
+    work. A prompt whose shared part does not extend what the caches hold starts them over.
+    A prompt's seconds are the work done for it (the shared part not yet prefilled, its rest).
     """
-    shared_caches = model.new_caches(1, length + NEW_TOKENS)
-    caches = model.new_caches(1, length + NEW_TOKENS)
-    for depth, key in sorted(trials, key=lambda trial: trial[0]):
-        shared, rest = prompt_parts(tok, length, depth, key, haystack)
+    longest = max(len(shared) + len(rest) for shared, rest in prompts) + NEW_TOKENS
+    shared_caches, caches = model.new_caches(1, longest), model.new_caches(1, longest)
+    held = []  # the tokens shared_caches hold
+    for shared, rest in prompts:
         start = time.perf_counter()
-        with prefill_progress(model, f"{length} tokens"):
-            if len(shared) > shared_caches[0].length:
-                unshared = torch.tensor([shared[shared_caches[0].length:]], device=device)
-                model.hidden(unshared, shared_caches)
-            copy_caches(shared_caches, caches)
-            out = model.generate(torch.tensor([rest], device=device), NEW_TOKENS, caches=caches)
-        yield depth, key, tok.decode(out[0, len(rest):].tolist()), time.perf_counter() - start
+        if shared[:len(held)] != held:
+            held = []
+            for cache in shared_caches:
+                cache.length = 0  # start over: what they held is overwritten as they fill
+        if len(shared) > len(held):
+            prefill(model, shared[len(held):], shared_caches, device)
+            held = shared
+        copy_caches(shared_caches, caches)
+        prefill(model, rest[:-1], caches, device)
+        out = model.generate(torch.tensor([rest[-1:]], device=device), NEW_TOKENS, caches=caches)
+        yield out[0, 1:].tolist(), time.perf_counter() - start
 
 
-@torch.no_grad()
-def run_truncated(model, tok, length, trials, device, haystack="filler"):
-    """The baseline without long context: full attention on the task line and as much of the
-    prompt's end as the trained length holds. Yields what run_trials yields."""
-    head = len(task_head(tok))
-    tail = model.config.max_position_embeddings - NEW_TOKENS - head  # answers stay inside too
-    for depth, key in sorted(trials, key=lambda trial: trial[0]):
-        ids = build_prompt(tok, length, depth, key, haystack)
-        ids = ids[:head] + ids[max(head, len(ids) - tail):]  # (head + tail,) or all of a short one
-        start = time.perf_counter()
-        with prefill_progress(model, f"{len(ids)} of {length} tokens"):
-            out = model.generate(torch.tensor([ids], device=device), NEW_TOKENS)
-        yield depth, key, tok.decode(out[0, len(ids):].tolist()), time.perf_counter() - start
+def prefill(model, ids, caches, device):
+    """Run the tokens ids through the model into the caches, SEGMENT tokens at a time.
+
+    A prefill in pieces is the same computation as one call (tokens only see earlier ones, and
+    the caches hold those), and here 15-30 % faster on a CPU: a piece's activations stay in the
+    CPU's caches, where those of 16k tokens at once (200 MB for one MLP layer) do not."""
+    for s in range(0, len(ids), SEGMENT):
+        model.hidden(torch.tensor([ids[s:s + SEGMENT]], device=device), caches)
 
 
 def copy_caches(src, dst):
-    """Make the caches dst hold what src holds, in dst's own memory (pinned stays pinned)."""
+    """Make the caches dst hold what src holds: the keys and values of its tokens, copied into
+    dst's own memory, and the rest of a cache's state (LongHeads' summaries: small) whole."""
     for s, d in zip(src, dst):
-        for x, y in zip(s.buffers(), d.buffers()):
-            y.copy_(x)
+        for (name, x), y in zip(s.named_buffers(), d.buffers()):
+            if name in ("k", "v"):  # (B, Hkv, max_len, D): only the tokens held
+                y[:, :, :s.length] = x[:, :, :s.length]
+            else:
+                y.copy_(x)
         d.length = s.length
 
 
-class prefill_progress:
-    """A progress bar over the layers of the prefill (the long part), on an interactive stderr."""
+def prefill_work(prompts):
+    """Tokens that answer() will run through the model for these prompts (the progress bar's
+    whole): the shared parts it does not hold yet, the rests, the new tokens but the last."""
+    held, work = [], 0
+    for shared, rest in prompts:
+        held = held if shared[:len(held)] == held else []
+        work += max(0, len(shared) - len(held)) + len(rest) + NEW_TOKENS - 1
+        held = shared if len(shared) > len(held) else held
+    return work
 
-    def __init__(self, model, label):
-        self.layers, self.label, self.hooks = model.model.layers, label, []
+
+class Progress:
+    """One progress bar for a whole run, on an interactive stderr: the tokens the model has run
+    through its layers, of `total`, counted layer by layer, with the time left at this pace."""
+
+    def __init__(self, model, total, label=""):
+        self.layers, self.total, self.label, self.hooks = model.model.layers, total, label, []
+        self.done, self.start = 0.0, time.perf_counter()
 
     def __enter__(self):
         if sys.stderr.isatty():
-            for i, layer in enumerate(self.layers):
-                hook = lambda m, a, o, i=i: self.show(i, a[0])
-                self.hooks.append(layer.register_forward_hook(hook))
+            for layer in self.layers:
+                self.hooks.append(layer.register_forward_hook(lambda m, a, o: self.step(a[0])))
+        return self
 
-    def show(self, i, x):
-        if x.shape[1] > 1:  # a prefill, not a decoding step
-            n, done = len(self.layers), i + 1
-            print(f"\r  prefill {self.label} [{'#' * done}{'.' * (n - done)}] {done}/{n} layers",
-                  end="" if done < n else "\r" + " " * (n + 40) + "\r", file=sys.stderr, flush=True)
+    def step(self, x):
+        self.done += x.shape[1] / len(self.layers)  # (B, T, C): a layer's share of T tokens
+        share = min(1.0, self.done / self.total)
+        seconds = time.perf_counter() - self.start
+        left = f", {seconds / share * (1 - share) / 60:.1f} min left" if share > 0.02 else ""
+        bar = "#" * round(30 * share) + "." * (30 - round(30 * share))
+        print(f"\r  {self.label} [{bar}] {share:.0%}{left}   ", end="", file=sys.stderr,
+              flush=True)
 
     def __exit__(self, *exc):
         for h in self.hooks:
             h.remove()
+        if self.hooks:
+            print("\r" + " " * 79 + "\r", end="", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -251,14 +324,16 @@ def check_memory(model, args, kinds, dtype):
 # ----------------------------------------------------------------------------- the sweep
 
 def attentions(args):
-    return ["full", "longheads"] if args.attention == "both" else [args.attention]
+    """--attention's kinds in order, "both" being full and longheads."""
+    kinds = [k for a in args.attention for k in (["full", "longheads"] if a == "both" else [a])]
+    return list(dict.fromkeys(kinds))  # each once
 
 
 def load(args):
     """The model and tokenizer of --model (or the default), checked against the arguments."""
     model, tok, dtype = load_model(args)
+    check_memory(model, args, attentions(args), dtype)  # first: it needs no prompt of --len
     check_model(model, tok, args)
-    check_memory(model, args, attentions(args), dtype)
     return model, tok, dtype
 
 
@@ -280,10 +355,10 @@ def load_model(args):
 
 def check_model(model, tok, args):
     """What can only be checked once the model is known: the budget and the lengths."""
-    if args.attention in ("longheads", "both"):
+    if "longheads" in attentions(args):
         check_budget(model)
-    for length in args.len:
-        build_prompt(tok, length, 0.0, 10000, args.haystack)  # too short: raises before a trial
+    for length in args.len:  # too short: raises before a trial
+        build_prompt(tok, length, 0.0, 10000, args.haystack, args.wording)
 
 
 def check_budget(model):
@@ -302,43 +377,66 @@ def run_diagnosis(args):
     model, tok, dtype = load(args)
     length, depth, short = args.len[0], args.depths[0], model.config.max_position_embeddings // 2
     key = trial_key(args.seed, length, depth, 0)
-    prompts = [build_prompt(tok, n, depth, key, args.haystack) for n in (length, short)]
+    prompts = [build_prompt(tok, n, depth, key, args.haystack, args.wording)
+               for n in (length, short)]
     tensors = [torch.tensor([p], device=args.device) for p in prompts]
-    print(f"key {key} at depth {depth}; LongHeads {describe(model)}, {args.haystack}")
-    digits = [key_digits(tok, p, key) for p in prompts]
+    print(f"key {key} at depth {depth}; LongHeads {describe(model)}, {args.haystack}, "
+          f"wording {args.wording}")
+    digits = [key_digits(tok, p, key, args.wording) for p in prompts]
     diagnose(model, tok, tensors[0], digits[0], tensors[1], digits[1], plot_file=args.plot)
 
 
 def sweep(args):
     model, tok, dtype = load(args)
-    print(f"model {args.model or 'SmolLM2-135M-Instruct'} "
-          f"(trained at {model.config.max_position_embeddings}), "
-          f"LongHeads {describe(model)}, haystack {args.haystack}, "
-          f"{args.device} {str(dtype)[6:]}")
+    print(header(model, args, dtype))
     print(f"{'length':>7} {'depth':>5}  {'attention':<9}  {'key':>5}  {'output':<24} "
           f"{'ok':<3} {'seconds':>7}")
-    records = []
+    runs = []  # (length, attention, [(depth, key, (shared, rest))]): every prompt, made up front
     for length in args.len:
         trials = [(depth, trial_key(args.seed, length, depth, t))
                   for depth in args.depths for t in range(args.trials)]
         for attention in attentions(args):
+            runs.append((length, attention, list(trial_prompts(model, tok, length, trials,
+                                                               attention, args))))
+    work = sum(prefill_work([parts for *_, parts in prompts]) for *_, prompts in runs)
+    records = []
+    with Progress(model, work, "passkey"):
+        for length, attention, prompts in runs:
             model.attention = "full" if attention == "truncated" else attention
-            run = run_truncated if attention == "truncated" else run_trials
-            answers = run(model, tok, length, trials, args.device, args.haystack)
-            for depth, key, output, seconds in answers:
-                correct = first_integer(output) == key
+            answers = answer(model, [parts for *_, parts in prompts], args.device)
+            for (depth, key, _), (ids, seconds) in zip(prompts, answers):
+                output = tok.decode(ids)
                 records.append(dict(length=length, depth=depth, attention=attention,
-                                    **settings(model),
-                                    haystack=args.haystack, key=key, output=output, correct=correct,
+                                    **settings(model), haystack=args.haystack,
+                                    wording=args.wording, key=key, output=output,
+                                    correct=first_integer(output) == key,
                                     seconds=round(seconds, 2)))
-                print(f"{length:>7} {depth:>5.2f}  {attention:<9}  {key:>5}  {output[:24]!r:<24} "
-                      f"{'yes' if correct else 'no':<3} {seconds:>7.1f}", flush=True)
+                print_trial(records[-1])
                 if args.json:
                     write_atomically(args.json, json.dumps(records, indent=1))
     summarize(records)
     if args.plot:
         plot(records, args.plot)
     return records
+
+
+def header(model, args, dtype):
+    """The run in two lines: the model and the prompts; the LongHeads setting and why."""
+    setting = args.setting if uses_setting(args) else "custom"
+    why = SETTINGS[setting]["why"] if setting != "custom" else "set by the flags"
+    other = next(name for name in SETTINGS if name != args.setting)
+    return (f"model {args.model or 'SmolLM2-135M-Instruct'} "
+            f"(trained at {model.config.max_position_embeddings}), haystack {args.haystack}, "
+            f"wording {args.wording}, {args.device} {str(dtype)[6:]}\n"
+            f"LongHeads, {setting} setting: {describe(model)}\n"
+            f"  why: {why}\n"
+            f"  --setting {other}: {SETTINGS[other]['why'].split(':')[0]}")
+
+
+def print_trial(r):
+    print(f"{r['length']:>7} {r['depth']:>5.2f}  {r['attention']:<9}  {r['key']:>5}  "
+          f"{r['output'][:24]!r:<24} {'yes' if r['correct'] else 'no':<3} {r['seconds']:>7.1f}",
+          flush=True)
 
 
 def describe(model):
@@ -435,19 +533,25 @@ def parse_args(argv=None):
                    help="where the key sits, as fractions of the filler")
     p.add_argument("--trials", type=int, default=1, help="keys per (length, depth)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attention", choices=["longheads", "full", "both", "truncated"],
-                   default="longheads", help="truncated: full attention on the task line and "
-                   "the prompt's last tokens, up to the trained length (no long context at all)")
-    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
-    p.add_argument("--num-chunks", type=int,
-                   help="chunks per head (default: trained length / chunk size)")
-    p.add_argument("--layout", choices=LAYOUTS, default=LAYOUT,
-                   help="order of a head's picked chunks: the paper's (position) or best "
-                   "nearest the query (score)")
+    p.add_argument("--attention", nargs="+", choices=["longheads", "truncated", "full", "both"],
+                   default=["longheads", "truncated"], help="truncated: full attention on the "
+                   "task line and the prompt's last tokens, up to the trained length (no long "
+                   "context at all: the bar LongHeads has to clear); both: full and longheads")
+    p.add_argument("--setting", choices=SETTINGS, default="retrieval",
+                   help="LongHeads' chunk size, chunks and layout: retrieval (what this model "
+                   "retrieves over) or paper (the paper's rule, the library's default); the "
+                   "three flags below override it one by one")
+    p.add_argument("--chunk-size", type=int, help="tokens per chunk")
+    p.add_argument("--num-chunks", type=int, help="chunks per head (paper: trained length / "
+                   "chunk size)")
+    p.add_argument("--layout", choices=LAYOUTS, help="order of a head's picked chunks: the "
+                   "paper's (position) or best nearest the query (score)")
     add_longheads_args(p)
-    p.add_argument("--haystack", choices=["filler", "book"], default="filler",
-                   help="what the key hides in: the repeated filler (the paper's test) or War "
-                   "and Peace")
+    p.add_argument("--haystack", choices=HAYSTACKS, default="filler",
+                   help="what the key hides in: the paper's repeated filler, other repeated "
+                   "sentences (facts) or War and Peace (book)")
+    p.add_argument("--wording", choices=WORDINGS, default="passkey",
+                   help="the key's line and its question: the paper's (passkey) or another")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
@@ -460,7 +564,18 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write one record per trial to this file")
     p.add_argument("--plot", help="write a depth x length accuracy heatmap (PNG; needs "
                    "matplotlib); with --diagnose, the chunks every layer and head read")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # the setting fills in what no flag gave; custom: the flags that did
+    args.custom = [name for name in SETTING_OPTIONS if getattr(args, name) is not None]
+    for name in SETTING_OPTIONS:
+        if getattr(args, name) is None:
+            setattr(args, name, SETTINGS[args.setting][name])
+    return args
+
+
+def uses_setting(args):
+    """Whether the run is --setting's exactly, no flag overriding it."""
+    return not args.custom
 
 
 def main(argv=None):

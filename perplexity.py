@@ -94,7 +94,7 @@ def evaluate(model, tok, args):
             for attention in args.attention:
                 configure(model, attention, args.local_chunks)
                 start = time.perf_counter()
-                with passkey.prefill_progress(model, f"{length} tokens, {attention}"):
+                with passkey.Progress(model, length, f"{length} tokens, {attention}"):
                     nll = token_nll(model, torch.tensor([ids], device=args.device))
                 seconds = time.perf_counter() - start
                 buckets = bucket_means(nll.cpu(), edges)

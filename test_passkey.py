@@ -72,19 +72,23 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(tokenizer):
 @needs_model
 @pytest.mark.parametrize("length", [300, 1000, 2049])
 @pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
-def test_prompt_has_exact_length_and_key_at_depth(tokenizer, length, depth):
-    ids = passkey.build_prompt(tokenizer, length, depth, key=54321)
+@pytest.mark.parametrize("haystack, wording", [("filler", "passkey"), ("facts", "code"),
+                                               ("filler", "number")])
+def test_prompt_has_exact_length_and_key_at_depth(tokenizer, length, depth, haystack, wording):
+    ids = passkey.build_prompt(tokenizer, length, depth, 54321, haystack, wording)
     assert len(ids) == length
     text = tokenizer.decode(ids)
-    assert text.count("54321") == 2 and text.endswith(passkey.QUESTION)
-    start, key_at = len(passkey.TASK), text.index("\nThe pass key is 54321")
-    filler = (len(text) - len(passkey.TASK) - len(passkey.QUESTION)
-              - len(passkey.KEY_LINE.format(key=54321)))
+    key_line, question = passkey.WORDINGS[wording]
+    assert text.count("54321") == 2 and text.endswith(question)
+    assert passkey.FILLERS[haystack].strip().split(". ")[1] in text
+    start, key_at = len(passkey.TASK), text.index(key_line.format(key=54321))
+    filler = len(text) - len(passkey.TASK) - len(question) - len(key_line.format(key=54321))
     assert abs((key_at - start) / filler - depth) < 0.1  # to a whole filler sentence
-    assert "".join(tokenizer.decode([ids[i]])
-                   for i in passkey.key_digits(tokenizer, ids, 54321)) == "5432154321"
-    shared, _ = passkey.prompt_parts(tokenizer, length, depth, key=54321)
-    deeper, _ = passkey.prompt_parts(tokenizer, length, min(1.0, depth + 0.2), key=12345)
+    digits = passkey.key_digits(tokenizer, ids, 54321, wording)
+    assert "".join(tokenizer.decode([ids[i]]) for i in digits) == "5432154321"
+    shared, _ = passkey.prompt_parts(tokenizer, length, depth, 54321, haystack, wording)
+    deeper, _ = passkey.prompt_parts(tokenizer, length, min(1.0, depth + 0.2), 12345, haystack,
+                                     wording)
     assert ids[:len(shared)] == shared == deeper[:len(shared)]  # what trials share: no key in it
 
 
@@ -107,54 +111,83 @@ def test_book_prompt_hides_the_key_at_a_line_break_of_the_prose(tokenizer, depth
 
 
 @needs_model
-@pytest.mark.parametrize("attention", ["full", "longheads"])
-def test_trials_sharing_the_filler_answer_as_whole_prompts(smollm2, tokenizer, attention):
-    """run_trials prefills the common filler once; every answer is the one of its whole prompt."""
+@pytest.mark.parametrize("attention", ["full", "longheads", "truncated"])
+def test_trials_sharing_the_haystack_answer_as_whole_prompts(smollm2, tokenizer, attention):
+    """answer() prefills what prompts share once; every answer is the one of its whole prompt."""
     from model import Llama
-    model = Llama.from_pretrained(smollm2, dtype=torch.float32, attention=attention, chunk_size=64,
-                                  num_chunks=8)
+    model = Llama.from_pretrained(smollm2, dtype=torch.float32, chunk_size=64, num_chunks=8,
+                                  attention="full" if attention == "truncated" else attention)
+    model.config.max_position_embeddings = 700  # truncated: a short trained length, cheap cuts
     length, trials = 1200, [(0.8, 11111), (0.2, 22222), (0.8, 33333), (0.5, 44444)]
+    prompts = list(passkey.trial_prompts(model, tokenizer, length, trials, attention,
+                                         passkey.parse_args([])))
+    assert [depth for depth, *_ in prompts] == [0.2, 0.5, 0.8, 0.8]  # in order of depth
     embedded = []
     model.model.embed_tokens.register_forward_hook(lambda m, a, o: embedded.append(a[0].shape[1]))
-    answers = {(d, k): text
-               for d, k, text, _ in passkey.run_trials(model, tokenizer, length, trials, "cpu")}
-    assert sum(embedded) < len(trials) * length  # the filler was shared
-    for depth, key in trials:
-        ids = torch.tensor([passkey.build_prompt(tokenizer, length, depth, key)])
-        expected = model.generate(ids, passkey.NEW_TOKENS)[0, length:].tolist()
-        assert answers[depth, key] == tokenizer.decode(expected)
+    answers = list(passkey.answer(model, [parts for *_, parts in prompts], "cpu"))
+    whole = sum(len(shared) + len(rest) for *_, (shared, rest) in prompts)
+    assert sum(embedded) - 4 * (passkey.NEW_TOKENS - 1) < whole  # the haystack was shared
+    assert sum(embedded) == passkey.prefill_work([parts for *_, parts in prompts])
+    for (depth, key, (shared, rest)), (ids, _) in zip(prompts, answers):
+        expected = model.generate(torch.tensor([shared + rest]), passkey.NEW_TOKENS)
+        assert ids == expected[0, len(shared + rest):].tolist()
 
 
 @needs_model
-def test_truncated_reads_the_task_line_and_the_prompts_end(smollm2, tokenizer):
-    """The baseline keeps the task line and the last tokens, trained length in all (answer too)."""
-    from model import Llama
-    model = Llama.from_pretrained(smollm2, dtype=torch.float32)
-    model.config.max_position_embeddings = 300  # a short trained length: a cheap cut
-    seen = []
-    model.model.embed_tokens.register_forward_hook(lambda m, a, o: seen.append(a[0][0].tolist()))
-    depth, key = 1.0, 12345
-    (_, _, text, _), = passkey.run_truncated(model, tokenizer, 1000, [(depth, key)], "cpu")
-    ids = passkey.build_prompt(tokenizer, 1000, depth, key)
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_truncated_reads_the_task_line_and_the_prompts_end(tokenizer, depth):
+    """The baseline keeps the task line and the last tokens; its rest starts at the key line
+    when the cut kept it, else it is the question, the shared part the same for every key."""
+    ids = passkey.build_prompt(tokenizer, 1000, depth, 12345)
+    parts = passkey.prompt_parts(tokenizer, 1000, depth, 12345)
+    shared, rest = passkey.truncated_parts(tokenizer, parts, 280)
     head = len(tokenizer.encode(passkey.TASK)) + 1  # the task line and its new line
-    tail = 300 - passkey.NEW_TOKENS - head
-    assert seen[0] == ids[:head] + ids[-tail:]  # the prefill: no filler before the end's
-    assert len(seen[0]) + passkey.NEW_TOKENS == 300
-    expected = model.generate(torch.tensor([seen[0]]), passkey.NEW_TOKENS)[0, len(seen[0]):]
-    assert text == tokenizer.decode(expected.tolist())
+    assert shared + rest == ids[:head] + ids[-280:]
+    key_line = tokenizer.continuation(passkey.KEY_LINE.format(key=12345))
+    if depth == 1.0:
+        assert rest[:len(key_line)] == key_line
+    else:
+        assert rest == tokenizer.continuation(passkey.QUESTION)
+        other = passkey.prompt_parts(tokenizer, 1000, 0.25, 54321)
+        assert passkey.truncated_parts(tokenizer, other, 280)[0] == shared
 
 
 @needs_model
 def test_passkey_end_to_end_through_the_cli(smollm2, tmp_path):
-    """A 2k-token trial with a budget below the prompt (so chunks are really selected)."""
-    out = run_cli("--len", "2048", "--depths", "0.5", "--attention", "both", "--chunk-size", "128",
-                  "--num-chunks", "8", "--json", str(tmp_path / "r.json"))
+    """A 2k-token trial with the demo's setting, a budget below the prompt (so chunks are really
+    selected), and the baselines."""
+    out = run_cli("--len", "2048", "--depths", "0.5", "--attention", "both", "truncated",
+                  "--json", str(tmp_path / "r.json"))
     assert out.returncode == 0, out.stderr
     records = __import__("json").loads((tmp_path / "r.json").read_text())
-    assert [r["attention"] for r in records] == ["full", "longheads"]
+    assert [r["attention"] for r in records] == ["full", "longheads", "truncated"]
     assert all(r["correct"] for r in records), records
-    assert (re.search(r"full\s+2048: 1/1", out.stdout)
-            and re.search(r"longheads\s+2048: 1/1", out.stdout))
+    assert records[1]["chunk_size"] * records[1]["num_chunks"] == 1024 < 2048
+    for attention in ("full", "longheads", "truncated"):
+        assert re.search(rf"^  {attention}\s+2048: 1/1", out.stdout, re.M)
+    assert "LongHeads, retrieval setting: chunk_size=128 num_chunks=8 layout=score" in out.stdout
+
+
+def test_the_demo_retrieves_with_the_retrieval_setting_and_names_it():
+    """The demo's defaults: the retrieval setting, beside the truncated baseline; --setting paper
+    gives the library's defaults back; a flag overrides one option and makes it custom."""
+    from longheads import CHUNK_SIZE, LAYOUT
+    args = passkey.parse_args([])
+    assert (args.chunk_size, args.num_chunks, args.layout) == (128, 8, "score")
+    assert passkey.attentions(args) == ["longheads", "truncated"]
+    assert args.len == [4096] and passkey.uses_setting(args)
+    paper = passkey.parse_args(["--setting", "paper"])
+    assert (paper.chunk_size, paper.num_chunks, paper.layout) == (CHUNK_SIZE, None, LAYOUT)
+    custom = passkey.parse_args(["--num-chunks", "16"])
+    assert (custom.chunk_size, custom.num_chunks) == (128, 16) and not passkey.uses_setting(custom)
+    model = type("M", (), dict(config=type("C", (), dict(max_position_embeddings=8192))))()
+    model.chunk_size, model.num_chunks, model.layout = 128, 8, "score"
+    model.select, model.local_chunks, model.select_layers = "summary", 2, None
+    lines = passkey.header(model, args, torch.float32).split("\n")
+    assert lines[1] == ("LongHeads, retrieval setting: chunk_size=128 num_chunks=8 layout=score "
+                        "select=summary local_chunks=2")
+    assert lines[2] == "  why: a 1024-token budget, what this 135M model retrieves over (RESULTS.md §2)"
+    assert lines[3] == "  --setting paper: the paper's rule, a budget of the trained length"
 
 
 @needs_model
@@ -196,7 +229,7 @@ def test_bad_arguments_are_one_line_and_exit_2(args, message):
 @pytest.mark.parametrize("args, message", [
     (["--len", "20"], "shorter than the prompt's fixed parts"),
     (["--len", "400000000"], "GiB is free"),
-    (["--local-chunks", "40"], "leaves no room for chunk 0 in 32 chunks"),
+    (["--setting", "paper", "--local-chunks", "40"], "leaves no room for chunk 0 in 32 chunks"),
     (["--select-layers", "3-40"], "0 <= first <= last <= 29"),
 ])
 def test_impossible_lengths_are_one_line_and_exit_2(smollm2, args, message):
