@@ -23,12 +23,12 @@ Shapes: B batch, H query heads, Hkv key/value heads, G = H // Hkv heads per grou
 D head dim, w chunk size, n chunks, K chunks per query, b queries in a block, U chunks a block
 reads, P (query, chunk) pairs. Plain PyTorch (CPU and CUDA), written to be read; not a kernel.
 """
+
+# ============================================================================ copy from here
 import math
 
 import torch
-import torch.nn.functional as F
 
-# ============================================================================ copy from here
 CHUNK_SIZE = 256  # the defaults, the same in every entry point (RESULTS.md says why)
 LAYOUT, SELECT = "position", "summary"  # the paper's: picked chunks in their order, by summary
 LOCAL_CHUNKS = 2  # the own chunk and the one before it are always read (the paper's)
@@ -100,7 +100,7 @@ def longheads_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
     """Causal LongHeads attention: q (B, H, T, D), k, v (B, Hkv, T, D), before RoPE -> (B, H, T, D).
 
     K = num_chunks, K * chunk_size <= trained length; rope: None (rope_theta), inverse frequencies
-    (D/2,) or (cos, sin) of >= K * w rows. Memory is linear in T; autograd works."""
+    (D/2,) or (cos, sin) of >= min(T, K * w) rows. Memory is linear in T; autograd works."""
     B, H, T, D = q.shape
     Hkv, w, K, dev = k.shape[1], chunk_size, num_chunks, q.device
     G, n = H // Hkv, -(-T // w)  # query head h reads kv head h // G; chunks, the last partial
@@ -135,6 +135,9 @@ def longheads_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
         union = g - read.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :U]
         match = ids[..., None, :, :] == union[..., None, None]  # (B, Hkv, G, U, w, K)
         pos = (K - 1 - match.int().argmax(-1)) * w + o  # (B, Hkv, G, U, w); unpicked: masked
+        # why clamp: pads and unpicked slots (dropped, masked) may point past short tables, and
+        # tables of min(T, K * w) rows hold every position a real query reads
+        pos = pos.clamp(max=len(cos) - 1)
         qr = apply_rope(qc[..., g, None, :, :] / math.sqrt(D), cos[pos], sin[pos])  # (.., U, w, D)
         rows = (union + first_row).flatten()  # (B * Hkv * G * U,)
         ku, vu = (x.reshape(-1, w, D)[rows].view(B, Hkv, G, U, w, D) for x in (kc, vc))
@@ -157,6 +160,7 @@ BLOCK_SCORES = 2**24  # default query block: about this many (query, key) scores
 BLOCK_QUERIES = 512  # ... and at most this many queries, or one chunk of them if more
 TILE = 32  # (query, chunk) pairs: a row is padded to a multiple of it (CPU), or is it (CUDA)
 MASK_BLOCK = 1024  # queries per masked SDPA call after a cached prefix (it computes masked scores)
+SDPA = torch.nn.functional.scaled_dot_product_attention
 
 
 def default_num_chunks(trained_length, chunk_size=CHUNK_SIZE):
@@ -185,7 +189,7 @@ def causal_attention(q, k, v):
     """Causal attention of the last T of S positions: q (B, H, T, D), k, v (B, Hkv, S, D)."""
     T, S = q.shape[2], k.shape[2]
     if T in (1, S):  # one new token sees every key; a whole sequence is SDPA's own causal case
-        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
+        return SDPA(q, k, v, is_causal=T > 1, enable_gqa=True)
     # why: after a cached prefix the mask must align bottom-right, which is_causal does not do,
     # and SDPA computes every score under an explicit mask: so blocks of queries each read the
     # keys up to their last one, and only a block's own triangle is computed in vain
@@ -195,8 +199,7 @@ def causal_attention(q, k, v):
         e = S - T + b  # keys up to the block's last query
         t = torch.arange(S - T + a, e, device=q.device)  # the block's positions
         mask = torch.arange(e, device=q.device) <= t[:, None]  # (b - a, e)
-        out.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, :e], v[:, :, :e],
-                                                  attn_mask=mask, enable_gqa=True))
+        out.append(SDPA(q[:, :, a:b], k[:, :, :e], v[:, :, :e], attn_mask=mask, enable_gqa=True))
     return torch.cat(out, dim=2)  # (B, H, T, D)
 
 

@@ -14,6 +14,8 @@ import doctest
 import inspect
 import json
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,10 +148,9 @@ def copyable_section():
 
 def test_the_copyable_section_runs_alone_and_equals_the_reference():
     section = copyable_section()
-    assert len(section) <= 120, len(section)  # short enough to copy and read in one sitting
-    namespace = {}
-    source = "import math\nimport torch\n" + "\n".join(section)
-    exec(compile(source, "copied.py", "exec"), namespace)
+    assert len(section) <= 130, len(section)  # short enough to copy and read in one sitting
+    namespace = {}  # the section as a user copies it into an empty file: nothing added
+    exec(compile("\n".join(section), "copied.py", "exec"), namespace)
     assert set(namespace) >= {"longheads_attention", "select_chunks", "chunk_summaries"}
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(2, 6, 61, 8, generator=gen, dtype=torch.float64)
@@ -680,3 +681,46 @@ def test_diagnose_weights_are_the_attention_the_cache_computes(T):
         weights = final_weights(cache, q[0, :, -1], T - 1)  # (H, T)
         expected = (weights[:, None, :] @ v[0].repeat_interleave(2, dim=0)).squeeze(1)  # (H, D)
         torch.testing.assert_close(expected, out, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the README's snippet
+
+def readme_block(marker):
+    """The README's Python block that contains `marker`, as text."""
+    readme = (Path(__file__).parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    found = [b for b in blocks if marker in b]
+    assert len(found) == 1, f"one README block with {marker!r}, found {len(found)}"
+    return found[0]
+
+
+@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "linear", "factor": 2.0}])
+def test_readme_snippet_runs_in_transformers(tmp_path, monkeypatch, rope_scaling):
+    """The README's LlamaAttention.forward, run as written inside transformers, gives our
+    model's LongHeads logits: plain causal attention within the budget (K * w = 4 * 256 tokens),
+    and chunks really selected past it."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama import modeling_llama
+    from model import Llama
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=101, max_position_embeddings=1024,
+                                      rope_scaling=rope_scaling)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path)
+    ours = Llama.from_pretrained(tmp_path, attention="longheads", chunk_size=256)
+    assert ours.num_chunks == 4
+    ids = torch.randint(0, 101, (1, 1400), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        plain = hf(ids).logits
+        # restored after the test: the snippet replaces the forward of every LlamaAttention
+        monkeypatch.setattr(modeling_llama.LlamaAttention, "forward",
+                            modeling_llama.LlamaAttention.forward)
+        exec(readme_block("def longheads_forward"), {})
+        assert modeling_llama.LlamaAttention.forward.__name__ == "longheads_forward"
+        short = hf(ids[:, :300]).logits  # inside the budget: plain causal attention
+        torch.testing.assert_close(short, plain[:, :300], atol=1e-4, rtol=0)
+        long = hf(ids).logits
+        torch.testing.assert_close(long, ours(ids), atol=1e-4, rtol=0)
+    assert (long[:, 1024:] - plain[:, 1024:]).abs().max() > 1e-2  # past it, chunks were picked

@@ -186,7 +186,8 @@ def test_the_demo_retrieves_with_the_retrieval_setting_and_names_it():
     lines = passkey.header(model, args, torch.float32).split("\n")
     assert lines[1] == ("LongHeads, retrieval setting: chunk_size=128 num_chunks=8 layout=score "
                         "select=summary local_chunks=2")
-    assert lines[2] == "  why: a 1024-token budget, what this 135M model retrieves over (RESULTS.md §2)"
+    assert lines[2] == ("  why: a 1024-token budget, what this 135M model retrieves over "
+                        "(RESULTS.md §2)")
     assert lines[3] == "  --setting paper: the paper's rule, a budget of the trained length"
 
 
