@@ -222,7 +222,7 @@ class Progress:
 
     def __init__(self, model, total, label=""):
         self.layers, self.total, self.label, self.hooks = model.model.layers, total, label, []
-        self.done, self.start = 0.0, time.perf_counter()
+        self.done, self.start, self.drawn = 0.0, time.perf_counter(), 0.0
 
     def __enter__(self):
         if sys.stderr.isatty():
@@ -232,18 +232,33 @@ class Progress:
 
     def step(self, x):
         self.done += x.shape[1] / len(self.layers)  # (B, T, C): a layer's share of T tokens
+        if time.perf_counter() - self.drawn > 0.5:
+            self.draw()
+
+    def draw(self):
+        self.drawn = time.perf_counter()
         share = min(1.0, self.done / self.total)
-        seconds = time.perf_counter() - self.start
+        seconds = self.drawn - self.start
         left = f", {seconds / share * (1 - share) / 60:.1f} min left" if share > 0.02 else ""
         bar = "#" * round(30 * share) + "." * (30 - round(30 * share))
         print(f"\r  {self.label} [{bar}] {share:.0%}{left}   ", end="", file=sys.stderr,
               flush=True)
 
-    def __exit__(self, *exc):
-        for h in self.hooks:
-            h.remove()
+    def print(self, line):
+        """Print a line to stdout, the bar (if any) moved below it."""
+        self.clear()
+        print(line, flush=True)
+        if self.hooks:
+            self.draw()
+
+    def clear(self):
         if self.hooks:
             print("\r" + " " * 79 + "\r", end="", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        self.clear()
+        for h in self.hooks:
+            h.remove()
 
 
 # ----------------------------------------------------------------------------- checks
@@ -400,7 +415,7 @@ def sweep(args):
                                                                attention, args))))
     work = sum(prefill_work([parts for *_, parts in prompts]) for *_, prompts in runs)
     records = []
-    with Progress(model, work, "passkey"):
+    with Progress(model, work, "passkey") as progress:
         for length, attention, prompts in runs:
             model.attention = "full" if attention == "truncated" else attention
             answers = answer(model, [parts for *_, parts in prompts], args.device)
@@ -411,7 +426,7 @@ def sweep(args):
                                     wording=args.wording, key=key, output=output,
                                     correct=first_integer(output) == key,
                                     seconds=round(seconds, 2)))
-                print_trial(records[-1])
+                progress.print(trial_line(records[-1]))
                 if args.json:
                     write_atomically(args.json, json.dumps(records, indent=1))
     summarize(records)
@@ -433,10 +448,9 @@ def header(model, args, dtype):
             f"  --setting {other}: {SETTINGS[other]['why'].split(':')[0]}")
 
 
-def print_trial(r):
-    print(f"{r['length']:>7} {r['depth']:>5.2f}  {r['attention']:<9}  {r['key']:>5}  "
-          f"{r['output'][:24]!r:<24} {'yes' if r['correct'] else 'no':<3} {r['seconds']:>7.1f}",
-          flush=True)
+def trial_line(r):
+    return (f"{r['length']:>7} {r['depth']:>5.2f}  {r['attention']:<9}  {r['key']:>5}  "
+            f"{r['output'][:24]!r:<24} {'yes' if r['correct'] else 'no':<3} {r['seconds']:>7.1f}")
 
 
 def describe(model):
