@@ -169,12 +169,14 @@ def test_passkey_end_to_end_through_the_cli(smollm2, tmp_path):
 
 
 def test_the_demo_retrieves_with_the_retrieval_setting_and_names_it():
-    """The demo's defaults: the retrieval setting, beside the truncated baseline; --setting paper
-    gives the library's defaults back; a flag overrides one option and makes it custom."""
+    """The demo's defaults: LongHeads with the retrieval setting; --setting paper gives the
+    library's defaults back; a flag overrides one option and makes it custom."""
     from longheads import CHUNK_SIZE, LAYOUT
     args = passkey.parse_args([])
     assert (args.chunk_size, args.num_chunks, args.layout) == (128, 8, "score")
-    assert passkey.attentions(args) == ["longheads", "truncated"]
+    assert passkey.attentions(args) == ["longheads"]
+    both = passkey.parse_args(["--attention", "longheads", "truncated", "both"])
+    assert passkey.attentions(both) == ["longheads", "truncated", "full"]
     assert args.len == [4096] and passkey.uses_setting(args)
     paper = passkey.parse_args(["--setting", "paper"])
     assert (paper.chunk_size, paper.num_chunks, paper.layout) == (CHUNK_SIZE, None, LAYOUT)
