@@ -587,8 +587,11 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write one record per trial to this file")
     p.add_argument("--plot", help="write a depth x length accuracy heatmap (PNG; needs "
                    "matplotlib); with --diagnose, the chunks every layer and head read")
-    args = p.parse_args(argv)
-    # the setting fills in what no flag gave; custom: the flags that did
+    return apply_setting(p.parse_args(argv))
+
+
+def apply_setting(args):
+    """--setting fills in the options no flag gave; args.custom lists the flags that did."""
     args.custom = [name for name in SETTING_OPTIONS if getattr(args, name) is not None]
     for name in SETTING_OPTIONS:
         if getattr(args, name) is None:
