@@ -56,7 +56,6 @@ FILLERS = {
     "facts": (" Rivers run down to the sea. Bread rises in a warm oven. Owls hunt at night. "
               "Ice melts in the spring sun. A kettle sings when the water boils."),
 }
-FILLER = FILLERS["filler"]
 HAYSTACKS = (*FILLERS, "book")  # "book": War and Peace (book.py), real prose
 NEW_TOKENS = 10  # enough for a 5-digit key, one digit per token, and a leading space
 SEGMENT = 2048  # tokens per prefill call (prefill())
