@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from longheads import (CHUNK_SIZE, LAYOUT, LAYOUTS, LOCAL_CHUNKS, SELECT, SELECTS, check_config,
-                       default_num_chunks, longheads_attention, tiled_attention)
+                       default_num_chunks, longheads_attention)
+from tiled import tiled_attention
 from model import Llama, LlamaConfig
 
 SHAPES = {  # random-weight Llamas with the cost of real ones
@@ -110,11 +111,12 @@ def decode_steps(model, length, steps, device):
         for s in range(0, length, 4096):  # what a prefill stores, without its attention
             n = min(4096, length - s)
             kv = torch.randn(2, 1, Hkv, n, D, generator=gen, device=device)  # (2, B, Hkv, n, D)
-            kv = kv.to(cache.k.dtype)
             if hasattr(cache, "summaries"):  # LongHeads: its summaries need the queries too
                 q = torch.randn(1, Hkv, G, n, D, generator=gen, device=device)  # (B, Hkv, G, n, D)
-                cache._store(q.to(cache.k.dtype), kv[0], kv[1])
+                kv = kv.to(cache.kv.k.dtype)
+                cache._store(q.to(kv.dtype), kv[0], kv[1])
             else:
+                kv = kv.to(cache.k.dtype)
                 cache.k[:, :, s:s + n], cache.v[:, :, s:s + n] = kv[0], kv[1]
                 cache.length = s + n
     token, times = torch.zeros(1, 1, dtype=torch.long, device=device), []

@@ -19,7 +19,8 @@ import os
 
 import torch
 
-from longheads import LongHeadsCache, apply_rope, rope_cos_sin, select_chunks
+from longheads import apply_rope, rope_cos_sin, select_chunks
+from tiled import LongHeadsCache
 
 
 @torch.no_grad()
@@ -122,7 +123,8 @@ def final_weights(cache, q, t):
     # (H, t + 1): the rank of each token's chunk, -1 where it is not read
     r = rank[:, torch.arange(t + 1, device=q.device) // w]
     # DESIGN.md §3: rank r sits at r * w + offset; stored keys are rotated to the offset
-    k = cache.k[0, :, :t + 1].repeat_interleave(cache.groups, dim=0).float()  # (H, t + 1, D)
+    k = cache.kv.k[0, :, :t + 1].to(q.device)  # (Hkv, t + 1, D); offloaded, it was on the CPU
+    k = k.repeat_interleave(cache.G, dim=0).float()  # (H, t + 1, D)
     k = apply_rope(k, cache.cos[r.clamp(min=0) * w].float(), cache.sin[r.clamp(min=0) * w].float())
     p = (chunks.shape[1] - 1) * w + t % w  # the query's position
     qr = apply_rope(q.float(), cache.cos[p].float(), cache.sin[p].float())  # (H, D)
@@ -142,7 +144,7 @@ def selection(cache, q, t):
 
 def query_scores(cache, q, t):
     """The scores (H, 1, g - 2) of candidates 1..g-2 for query t, q (H, D), as the cache scores."""
-    qg = q.view(1, -1, cache.groups, 1, q.shape[-1])  # (1, Hkv, G, 1, D), as the cache groups heads
+    qg = q.view(1, -1, cache.G, 1, q.shape[-1])  # (1, Hkv, G, 1, D), as the cache groups heads
     return cache.scores(qg, t // cache.w - 1).flatten(0, 2)
 
 

@@ -6,7 +6,8 @@ names: loading is reading `config.json`, then the safetensors file(s) straight i
 No transformers, no pickle.
 
 Attention is pluggable per model: "full" is ordinary causal attention (PyTorch SDPA) over the
-whole context; "longheads" is longheads.py, which lets the model read past its trained length.
+whole context; "longheads" is LongHeads (longheads.py, run by tiled.py's fast path), which lets
+the model read past its trained length.
 Either way every layer owns a cache, and a prompt and a generated token run the same code.
 
 Sections: config, caches for full attention, the modules, loading, generation.
@@ -20,8 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-from longheads import (CHUNK_SIZE, LAYOUT, LOCAL_CHUNKS, SELECT, LongHeadsCache, apply_rope,
-                       causal_attention, default_num_chunks, rope_cos_sin, rope_inv_freq)
+from longheads import (CHUNK_SIZE, LAYOUT, LOCAL_CHUNKS, SELECT, apply_rope, default_num_chunks,
+                       rope_cos_sin, rope_inv_freq)
+from tiled import LongHeadsCache, causal_attention
 
 ROPE_TYPES = ("default", "linear", "dynamic")
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -139,6 +141,10 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """The projections around attention, and no attention itself: q, k, v go to the layer's cache
+    (KVCache for full attention, tiled.LongHeadsCache for LongHeads), which applies RoPE, stores
+    the keys and values, and returns the attention output. So one model runs either kind."""
+
     def __init__(self, cfg):
         super().__init__()
         self.H, self.Hkv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from longheads import BLOCK_SCORES, CHUNK_SIZE, LAYOUT, LAYOUTS, LOCAL_CHUNKS, SELECT, SELECTS
+from longheads import CHUNK_SIZE, LAYOUT, LAYOUTS, LOCAL_CHUNKS, SELECT, SELECTS
+from tiled import BLOCK_SCORES
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
         "them. I will quiz you about the important information there.")
@@ -206,7 +207,7 @@ def copy_caches(src, dst):
     dst's own memory, and the rest of a cache's state (LongHeads' summaries: small) whole."""
     for s, d in zip(src, dst):
         for (name, x), y in zip(s.named_buffers(), d.buffers()):
-            if name in ("k", "v"):  # (B, Hkv, max_len, D): only the tokens held
+            if name.rsplit(".", 1)[-1] in ("k", "v"):  # (B, Hkv, max_len, D): the tokens held
                 y[:, :, :s.length] = x[:, :, :s.length]
             else:
                 y.copy_(x)

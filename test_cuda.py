@@ -5,7 +5,8 @@ Skipped where there is no CUDA device; gpu_check.sh runs them on a GPU machine.
 import pytest
 import torch
 
-from longheads import LongHeadsCache, longheads_attention, longheads_reference, tiled_attention
+from longheads import longheads_attention, longheads_reference
+from tiled import LongHeadsCache, tiled_attention
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -69,7 +70,7 @@ def test_offloaded_cache_gives_the_same_output():
     opts = dict(chunk_size=32, num_chunks=5, dtype=torch.float32, device="cuda")
     on_gpu = LongHeadsCache(1, 4, 2, 701, 64, **opts)
     offloaded = LongHeadsCache(1, 4, 2, 701, 64, offload=True, **opts)
-    assert offloaded.k.device.type == "cpu" and offloaded.k.is_pinned()
+    assert offloaded.kv.k.device.type == "cpu" and offloaded.kv.k.is_pinned()
     torch.testing.assert_close(offloaded(q, k, v), on_gpu(q, k, v))
     step = [x[:, :, -1:] for x in (q, k, v)]
     torch.testing.assert_close(offloaded(*step), on_gpu(*step))

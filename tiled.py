@@ -1,0 +1,415 @@
+"""The fast path: LongHeads that reads only what each query picked, for prefill and decoding.
+
+longheads.py says what LongHeads computes; this file computes the same thing faster, and is what
+model.py runs. longheads_attention gathers, for a chunk of queries, the union of every chunk they
+picked, scores all of it and masks what a query did not pick. Here a query reads exactly its K
+chunks, and the work is laid out so that few, large torch operations do it:
+
+  - LongHeadsCache holds one layer's keys (rotated once, to their offset in their chunk), values
+    and chunk summaries, preallocated. A prefill is one call with the whole prompt, a decoding step
+    one call with one token: the same code runs both (§4), so their outputs agree.
+  - Queries go a block at a time, so the working memory is bounded whatever T is. Queries in the
+    first K chunks read every key at its true position: plain causal attention (SDPA).
+  - Past them, a query's own chunk is read causally from one window of keys shared by the block,
+    and its other K - 1 picks become (query, chunk) pairs, laid out in rows by chunk (pack), so
+    that a chunk's keys are read once however many queries picked it.
+  - Each piece returns its output and its log-sum-exp (attention_lse), and merge combines a
+    query's pieces into one softmax, as flash attention combines blocks of keys.
+  - offload=True keeps keys and values in pinned CPU memory; a block copies to the GPU only the
+    chunks it reads.
+
+The same property tests hold this file and longheads_attention to longheads_reference, the
+per-query definition (test_longheads.py: any budget, every variant, grouped-query attention,
+prefill against decoding; test_cuda.py: the same on a GPU). Inference only: the cache writes its
+buffers in place, and nothing here supports autograd.
+
+Shapes as in longheads.py; here also b queries in a block, m chunks up to a block's last query,
+P (query, chunk) pairs of a block.
+"""
+import math
+
+import torch
+
+from longheads import (CHUNK_SIZE, LAYOUT, LOCAL_CHUNKS, SELECT, apply_rope, candidate_scores,
+                       check_config, chunk_summaries, rope_table, select_chunks)
+
+SUMMARY_TOKENS = 4096  # chunks are summarised this many tokens at a time (bounds working memory)
+BLOCK_SCORES = 2**24  # default query block: about this many (query, key) scores (64 MiB float32)
+BLOCK_QUERIES = 512  # ... and at most this many queries, or one chunk of them if more
+TILE = 32  # (query, chunk) pairs: a row is padded to a multiple of it (CPU), or is it (CUDA)
+MASK_BLOCK = 1024  # queries per masked SDPA call after a cached prefix (it computes masked scores)
+SDPA = torch.nn.functional.scaled_dot_product_attention
+# why a private op: it is SDPA's CPU kernel, fused (no score matrix in memory), and unlike the
+# public function it also returns the log-sum-exp that merging pieces needs
+FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+class LongHeadsCache(torch.nn.Module):
+    """Keys, values and chunk summaries of one attention layer, preallocated for max_len tokens.
+
+    Calling it with the q, k, v of new tokens (before RoPE) stores them and returns their attention
+    output. Keys are stored rotated once, to their offset in their chunk; the distance to a
+    chunk's rank goes into the query instead (§3).
+    """
+
+    def __init__(self, batch, num_heads, num_kv_heads, max_len, head_dim, *, num_chunks,
+                 chunk_size=CHUNK_SIZE, rope=None, rope_theta=10000.0, block_size=None,
+                 dtype=torch.float32, device=None, offload=False, layout=LAYOUT, select=SELECT,
+                 local_chunks=LOCAL_CHUNKS):
+        super().__init__()
+        check_config(num_heads, num_kv_heads, chunk_size, num_chunks, layout, select,
+                     local_chunks)
+        if block_size is not None and block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if offload and torch.device(device or "cpu").type != "cuda":
+            raise ValueError("offload keeps keys and values in CPU memory for a CUDA device; "
+                             "without a CUDA device there is nothing to offload: drop offload")
+        self.w, self.K, self.G = chunk_size, num_chunks, num_heads // num_kv_heads
+        self.layout, self.select, self.local_chunks = layout, select, local_chunks
+        self.block_size = block_size or default_block_size(batch * num_heads, chunk_size,
+                                                           num_chunks)
+        self.max_len, self.length = max_len, 0
+        n = -(-max_len // chunk_size)  # chunks, the last one possibly partial
+        self.kv = ChunkedKV(batch, num_kv_heads, n * chunk_size, head_dim, chunk_size, dtype,
+                            device, offload)
+        wide = torch.promote_types(dtype, torch.float32)  # summaries and scores: float32 or wider
+        buffers = dict(
+            summaries=torch.zeros(batch, num_kv_heads, self.G, n, head_dim, dtype=wide,
+                                  device=device),
+            # the raw queries of the unfinished chunk: its summary will need them
+            q_tail=torch.zeros(batch, num_kv_heads, self.G, chunk_size, head_dim, dtype=dtype,
+                               device=device))
+        # (positions, D) each: every position a query or a key can get
+        cos, sin = rope_table(rope, rope_theta, head_dim, min(num_chunks * chunk_size, max_len),
+                              device, dtype)
+        for name, x in dict(buffers, cos=cos, sin=sin).items():
+            self.register_buffer(name, x, persistent=False)
+
+    def forward(self, q, k, v):
+        """q: (B, H, T, D), k and v: (B, Hkv, T, D) of the next T tokens -> (B, H, T, D)."""
+        check_inputs(q, k, v, cache=self)
+        B, H, T, D = q.shape
+        start = self.length
+        qg = q.reshape(B, -1, self.G, T, D)  # (B, Hkv, G, T, D): head h reads kv head h // G
+        self._store(qg, k, v)
+        out = q.new_empty(B, H, T, D)
+        near = min(T, max(0, self.K * self.w - start))  # queries in the first K chunks
+        if near:
+            out[:, :, :near] = self._attend_all(q[:, :, :near], start)
+        outg = out.view(B, -1, self.G, T, D)  # (B, Hkv, G, T, D)
+        for s in range(start + near, start + T, self.block_size):
+            e = min(start + T, s + self.block_size)
+            outg[..., s - start:e - start, :] = attend_block(self, qg[..., s - start:e - start, :],
+                                                             s, e)
+        self.kv.scratch.clear()  # the working memory of one call, not of every layer's cache
+        return out
+
+    def _attend_all(self, q, s):
+        """§2, g < K: queries s.. (B, H, b, D) read every chunk at true positions: causal."""
+        e = s + q.shape[2]
+        chunk_start = torch.arange(e, device=q.device) // self.w * self.w  # (e,)
+        # RoPE composes: a key rotated to its offset in the chunk, then by its chunk's start, is
+        # the key at its true position
+        k, v = self.kv.span(0, e)
+        k = apply_rope(k, self.cos[chunk_start], self.sin[chunk_start])  # (B, Hkv, e, D)
+        q = apply_rope(q, self.cos[s:e], self.sin[s:e])  # (B, H, b, D)
+        return causal_attention(q, k, v)
+
+    def _store(self, q, k, v):
+        """Write keys (rotated) and values; summarise every chunk these tokens complete."""
+        start, T, w = self.length, q.shape[-2], self.w
+        offsets = torch.arange(start, start + T, device=k.device) % w
+        self.kv.write(start, apply_rope(k, self.cos[offsets], self.sin[offsets]), v)
+        self.length = start + T
+        # why: a chunk's summary needs the queries of all its tokens, some of which came earlier
+        tail = start % w
+        if tail:
+            q = torch.cat([self.q_tail[..., :tail, :], q], dim=-2)  # (B, Hkv, G, tail + T, D)
+        first, done = start // w, (start + T) // w  # chunks first..done-1 complete now
+        step = max(1, SUMMARY_TOKENS // w)
+        for c in range(first, done, step):
+            self._summarise(q[..., (c - first) * w:(min(c + step, done) - first) * w, :], c)
+        left = (start + T) % w
+        self.q_tail[..., :left, :] = q[..., q.shape[-2] - left:, :]
+
+    def _summarise(self, q, first):
+        """Summaries of the complete chunks first, first + 1, ... whose raw queries are q."""
+        B, Hkv, G, n_tok, D = q.shape
+        w, n = self.w, n_tok // self.w
+        q = q.reshape(B, Hkv, G, n, w, D)
+        q = apply_rope(q, self.cos[:w], self.sin[:w])  # (B, Hkv, G, n, w, D)
+        k, v = (x.view(B, Hkv, 1, n, w, D) for x in self.kv.span(first * w, (first + n) * w))
+        self.summaries[:, :, :, first:first + n] = chunk_summaries(q, k, v)
+
+    def scores(self, q, g):
+        """candidate_scores of chunks 1..g-1 for raw queries q (B, Hkv, G, b, D)."""
+        if self.local_chunks == self.K - 1:  # a window: no candidates to score
+            return q.new_zeros(*q.shape[:-1], g - 1)
+        keys = self.kv.k[:, :, :g * self.w].to(q.device) if self.select == "maxkey" else None
+        rope_w = self.cos[self.w], self.sin[self.w]
+        return candidate_scores(q, self.summaries[:, :, :, :g], keys, rope_w, self.select)
+
+
+class ChunkedKV(torch.nn.Module):
+    """Keys and values of one layer, (B, Hkv, tokens, D) each, read by token spans and by chunks:
+    on the compute device, or offloaded to pinned CPU memory (then only what a block reads moves
+    to the GPU)."""
+
+    def __init__(self, batch, num_kv_heads, tokens, head_dim, chunk_size, dtype, device, offload):
+        super().__init__()
+        self.chunk_size, self.scratch = chunk_size, {}
+        self.device = torch.device(device or "cpu")  # where the queries are, and reads go to
+        store = dict(device="cpu", pin_memory=True) if offload else dict(device=device)
+        shape = (batch, num_kv_heads, tokens, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, **store), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, **store), persistent=False)
+
+    def write(self, start, k, v):
+        """Store k, v (B, Hkv, T, D) as tokens start..start+T-1."""
+        self.k[:, :, start:start + k.shape[2]] = k
+        self.v[:, :, start:start + v.shape[2]] = v
+
+    def span(self, s, e):
+        """Keys and values of tokens s..e-1, where the queries are: (B, Hkv, e - s, D) each."""
+        return tuple(x[:, :, s:e].to(self.device, non_blocking=True) for x in (self.k, self.v))
+
+    def chunks(self, rows):
+        """Keys and values of the chunks at rows of k.view(-1, w, D): (len(rows), w, D) each."""
+        device, shape = self.device, (len(rows), self.chunk_size, self.k.shape[-1])
+        if self.k.device != device:  # offloaded: the CPU gathers the chunks, then they move over
+            rows = rows.cpu()  # why: the CPU must know what to send; offloading's one wait a block
+        gathered = [torch.index_select(x.view(-1, *shape[1:]), 0, rows,
+                                       out=self._scratch(name, shape, x))
+                    for name, x in [("k", self.k), ("v", self.v)]]
+        return tuple(x.to(device, non_blocking=True) for x in gathered)
+
+    def _scratch(self, name, shape, like):
+        """A buffer reused from block to block, on like's device: on the CPU, fresh large tensors
+        cost page faults every time; offloaded, it is the pinned staging area for the GPU."""
+        numel = math.prod(shape)
+        buf = self.scratch.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.scratch[name] = torch.empty(numel, dtype=like.dtype, device=like.device,
+                                                   pin_memory=like.is_pinned())
+        return buf[:numel].view(shape)
+
+
+def default_block_size(query_heads, chunk_size, num_chunks):
+    """Queries per block: about BLOCK_SCORES (query, key) scores over all B * H heads, at most
+    BLOCK_QUERIES queries or one chunk of them. With a small budget a block holds several chunks
+    of queries, so that the fixed cost of a block (selection, layout, some 200 small operations)
+    is shared by more queries."""
+    per_query = query_heads * num_chunks * chunk_size  # scores of one query, every head
+    most = max(chunk_size, BLOCK_QUERIES)
+    return max(1, min(most, BLOCK_SCORES // per_query))
+
+
+# ----------------------------------------------------------------------------- one block
+
+def attend_block(cache, q, s, e):
+    """Queries s..e-1, all past the first K chunks, q: (B, Hkv, G, b, D) -> their outputs.
+
+    Every query reads its own K chunks, exactly: its own chunk (causal) from one window of keys
+    shared by the block, and the other K - 1 as (query, chunk) pairs laid out in rows by chunk
+    (pack), one read of a chunk's keys per row. The K partial softmaxes are merged.
+    """
+    B, Hkv, G, b, D = q.shape
+    w, K, dev = cache.w, cache.K, q.device
+    t = torch.arange(s, e, device=dev)  # (b,) the queries' positions in the sequence
+    m = (e - 1) // w + 1  # chunks up to the block's last query
+    scores = cache.scores(q, m - 2)  # (B, Hkv, G, b, m - 3): candidates end 2 before the own
+    ids = select_chunks(scores, t // w, K, cache.layout, cache.local_chunks)  # (B, Hkv, G, b, K)
+    # §3: rank r is read from (K - 1 - r) * w + o, whichever chunk it is: the query moves;
+    # why the tables, not q, are scaled: they are (b, K, D), the rotated queries K times more
+    pos = (K - 1 - torch.arange(K, device=dev)) * w + t[:, None] % w  # (b, K)
+    cos, sin = (x[pos] / math.sqrt(D) for x in (cache.cos, cache.sin))  # (b, K, D) each
+    qr = apply_rope(q[..., None, :], cos[:, :-1], sin[:, :-1])  # (B, Hkv, G, b, K - 1, D)
+    # a pair's bucket: its head and chunk as one number, head-major: head * m + chunk
+    heads = torch.arange(B * Hkv, device=dev).view(B, Hkv, 1, 1, 1) * m  # (B, Hkv, 1, 1, 1)
+    bucket = (ids[..., :-1] + heads).flatten()  # (P,), P = B * Hkv * G * b * (K - 1)
+    size = min(TILE, G * b)  # no chunk is picked by more pairs than the group has queries
+    # why whole rows on the CPU: a row per chunk reads its keys once; on CUDA, rows of `size`
+    # are what pack can lay out without waiting for the GPU; and where no chunk can have more
+    # than `size` pairs (a decoding step), rows of `size` are whole rows, in one group
+    whole = not q.is_cuda and G * b > size
+    place, row_groups = pack(bucket, size, B * Hkv * m, whole=whole)  # (P,), rows by length
+    slots = sum(len(row_bucket) * length for row_bucket, length in row_groups)
+    q_rows = qr.new_zeros(slots, D).index_copy_(0, place, qr.reshape(-1, D))  # (slots, D)
+    out, lse = read_rows(cache, q_rows, row_groups, m)  # (slots, D), (slots,)
+    # back from the rows to (query, rank): (B, Hkv, G, b, K - 1, D) and (..., K - 1)
+    out, lse = out.index_select(0, place), lse.index_select(0, place)
+    own_out, own_lse = own_chunk(cache, apply_rope(q, cos[:, -1], sin[:, -1]), s, e)
+    return merge(out.view(*qr.shape), lse.view(qr.shape[:-1]), own_out, own_lse).to(q.dtype)
+
+
+def read_rows(cache, q_rows, row_groups, m):
+    """Each row of pairs against its chunk's keys: q_rows (slots, D) as pack laid them out,
+    row_groups [(bucket, length)], buckets head * m + chunk -> attention_lse's out (slots, D) and
+    lse (slots,), one fused call per row length."""
+    chunks_per_head, D = cache.kv.k.shape[2] // cache.w, q_rows.shape[-1]
+    out, lse, first = [], [], 0
+    for row_bucket, length in row_groups:
+        rows = row_bucket // m * chunks_per_head + row_bucket % m  # (n_rows,): k.view(-1, w, D)
+        k_rows, v_rows = cache.kv.chunks(rows)  # (n_rows, w, D) each: one read of a chunk
+        last = first + len(row_bucket) * length
+        piece_out, piece_lse = attention_lse(q_rows[first:last].view(-1, length, D), k_rows,
+                                             v_rows)  # (n_rows, length, D), (n_rows, length)
+        out.append(piece_out.view(-1, D))  # (n_rows * length, D)
+        lse.append(piece_lse.view(-1))  # (n_rows * length,)
+        first = last
+    return torch.cat(out), torch.cat(lse)
+
+
+def own_chunk(cache, q, s, e):
+    """Queries s..e-1, q (B, Hkv, G, b, D) rotated for rank K - 1, read their own chunk up to
+    themselves, all from one window of keys: from the first query's chunk start to e.
+    Returns attention_lse's out (B, Hkv, G, b, D) and lse (B, Hkv, G, b)."""
+    B, Hkv, G, b, D = q.shape
+    w = cache.w
+    lo = s // w * w  # the window's first key
+    t, u = torch.arange(s, e, device=q.device), torch.arange(lo, e, device=q.device)
+    k, v = cache.kv.span(lo, e)  # (B, Hkv, e - lo, D) each
+    mine = (u // w == t[:, None] // w) & (u <= t[:, None])  # (b, e - lo)
+    # the G query heads of a key/value head share its keys: one (G * b)-query problem each
+    out, lse = attention_lse(q.reshape(B * Hkv, G * b, D), k.flatten(0, 1), v.flatten(0, 1),
+                             mine.repeat(G, 1))  # (B * Hkv, G * b, D), (B * Hkv, G * b)
+    return out.view(B, Hkv, G, b, D), lse.view(B, Hkv, G, b)
+
+
+def tiled_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_theta=10000.0,
+                    rope=None, block_size=None, layout=LAYOUT, select=SELECT,
+                    local_chunks=LOCAL_CHUNKS):
+    """longheads_attention through the fast path: a LongHeadsCache used once.
+
+    The same arguments, and block_size: queries per block (default_block_size); it bounds the
+    working memory. Inference only (no autograd).
+    """
+    check_inputs(q, k, v)
+    B, H, T, D = q.shape
+    cache = LongHeadsCache(B, H, k.shape[1], T, D, chunk_size=chunk_size, num_chunks=num_chunks,
+                           rope=rope, rope_theta=rope_theta, block_size=block_size, dtype=q.dtype,
+                           device=q.device, layout=layout, select=select,
+                           local_chunks=local_chunks)
+    return cache(q, k, v)
+
+
+# ----------------------------------------------------------------------------- attention pieces
+
+def causal_attention(q, k, v):
+    """Causal attention of the last T of S positions: q (B, H, T, D), k, v (B, Hkv, S, D)."""
+    T, S = q.shape[2], k.shape[2]
+    if T in (1, S):  # one new token sees every key; a whole sequence is SDPA's own causal case
+        return SDPA(q, k, v, is_causal=T > 1, enable_gqa=True)
+    # why: after a cached prefix the mask must align bottom-right, which is_causal does not do,
+    # and SDPA computes every score under an explicit mask: so blocks of queries each read the
+    # keys up to their last one, and only a block's own triangle is computed in vain
+    out = []
+    for first in range(0, T, MASK_BLOCK):
+        last = min(T, first + MASK_BLOCK)
+        end = S - T + last  # keys up to the block's last query
+        t = torch.arange(S - T + first, end, device=q.device)  # the block's positions
+        mask = torch.arange(end, device=q.device) <= t[:, None]  # (last - first, end)
+        out.append(SDPA(q[:, :, first:last], k[:, :, :end], v[:, :, :end], attn_mask=mask,
+                        enable_gqa=True))
+    return torch.cat(out, dim=2)  # (B, H, T, D)
+
+
+def attention_lse(q, k, v, mask=None):
+    """Attention of one piece of keys, and its log-sum-exp, so that pieces merge later.
+
+    q (N, L, D), already scaled; k, v (N, S, D); mask (L, S), True where a query may look, or
+    None. Returns softmax(q k^T) v (N, L, D) and logsumexp(q k^T) (N, L), float32 or wider.
+    On the CPU, one fused kernel; elsewhere the plain computation, which is also its reference.
+    """
+    wide = torch.promote_types(q.dtype, torch.float32)
+    if q.device.type == "cpu" and FUSED_CPU is not None:
+        bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(
+            ~mask, float("-inf"))  # (L, S): the kernel takes an additive mask of q's dtype
+        out, lse = FUSED_CPU(q[:, None], k[:, None], v[:, None], attn_mask=bias, scale=1.0)
+        return out[:, 0].to(wide), lse[:, 0].to(wide)  # (N, L, D), (N, L)
+    return attention_lse_plain(q, k, v, mask)
+
+
+def attention_lse_plain(q, k, v, mask=None):
+    """attention_lse, written out: the fallback, and what the tests hold the fused kernel to."""
+    wide = torch.promote_types(q.dtype, torch.float32)
+    logits = (q @ k.transpose(-1, -2)).to(wide)  # (N, L, S)
+    if mask is not None:
+        logits.masked_fill_(~mask, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # (N, L)
+    return (logits.sub_(lse[..., None]).exp_() @ v.to(wide)), lse  # (N, L, D), (N, L)
+
+
+def merge(out, lse, one, one_lse):
+    """One softmax from its pieces: out (..., pieces, D), lse (..., pieces), and one more piece,
+    one (..., D), one_lse (...) -> attention (..., D), each piece weighed by its share of the
+    mass."""
+    weight = torch.softmax(torch.cat([lse, one_lse[..., None]], -1), dim=-1)  # (..., pieces + 1)
+    # why a matmul: it reads the pieces once, where `(weight * out).sum()` writes them again
+    return (weight[..., None, :-1] @ out).squeeze(-2) + weight[..., -1:] * one
+
+
+def pack(bucket, size, num_buckets, whole=True):
+    """Lay items out in rows by bucket, rows end to end, for one fused call per row length.
+
+    bucket: (P,) integers in [0, num_buckets). whole: one row per bucket, its items padded to a
+    multiple of size; else rows of size (tiles), a bucket's items filling them one after another.
+    Returns place (P,): each item's index in the rows laid end to end, and the rows as groups
+    [(bucket (n,), length)]: n rows of that length and buckets, in order, one group per length.
+    """
+    ones = torch.ones_like(bucket)
+    count = torch.zeros(num_buckets, dtype=torch.long, device=bucket.device)
+    count.index_add_(0, bucket, ones)  # (num_buckets,): items per bucket
+    tiles = (count + size - 1) // size  # (num_buckets,): rows of size per bucket
+    order = bucket.argsort(stable=True)  # (P,): items grouped by bucket
+    place = torch.empty_like(bucket)  # (P,): an item's place among the items of its bucket
+    first_item = count.cumsum(0) - count  # (num_buckets,)
+    place[order] = torch.arange(len(bucket), device=bucket.device) - first_item[bucket[order]]
+    if whole:
+        length = tiles * size  # (num_buckets,): each bucket's row, 0 where it has no items
+        by_length = length.argsort(stable=True)  # (num_buckets,): rows of a length together
+        ordered = length[by_length]
+        start = torch.empty_like(length)
+        start[by_length] = ordered.cumsum(0) - ordered  # (num_buckets,): where a row begins
+        lengths, counts = torch.unique_consecutive(ordered, return_counts=True)  # host: shapes
+        ends = counts.cumsum(0)
+        row_groups = [(by_length[end - c:end], L) for L, c, end in
+                      zip(lengths.tolist(), counts.tolist(), ends.tolist()) if L]
+        return start[bucket] + place, row_groups
+    first_tile = tiles.cumsum(0) - tiles  # (num_buckets,)
+    tile, slot = first_tile[bucket] + place // size, place % size  # (P,) each
+    full, bound = len(bucket) // size, len(bucket) // size + min(num_buckets, len(bucket))
+    # why: on CUDA the exact count is a host-device sync; the bound needs none but computes empty
+    # tiles, so it is taken where they are at most as many as the full ones (on the CPU, never)
+    n_tiles = bound if bucket.is_cuda and bound <= 2 * full + 1 else int(tiles.sum())
+    tile_bucket = torch.zeros(n_tiles, dtype=torch.long, device=bucket.device)
+    tile_bucket.index_put_((tile,), bucket)  # (n_tiles,): empty tiles keep bucket 0
+    return tile * size + slot, [(tile_bucket, size)]
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def check_inputs(q, k, v, cache=None):
+    """One clear error for q, k, v that do not fit each other, or the cache."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"q must be (B, H, T, D) and k, v (B, Hkv, T, D), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, T, D = q.shape
+    if (B, T, D) != (k.shape[0], k.shape[2], k.shape[3]) or D % 2:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, T and an "
+                         f"even D")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    if cache is not None:
+        B, Hkv, n_tok, D = cache.kv.k.shape
+        if (k.shape[0], k.shape[1], k.shape[3]) != (B, Hkv, D) or q.shape[1] != Hkv * cache.G:
+            raise ValueError(f"the cache holds B={B}, H={Hkv * cache.G}, Hkv={Hkv}, D={D}; "
+                             f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        if cache.length + q.shape[2] > cache.max_len:
+            raise ValueError(f"the cache holds max_len={cache.max_len} tokens; it has "
+                             f"{cache.length} and got {q.shape[2]} more: make it larger")
+        device = cache.summaries.device  # where it computes (offloaded, k and v stay on the CPU)
+        if q.dtype != cache.kv.k.dtype or not q.device == k.device == v.device == device:
+            raise ValueError(f"q, k, v are {q.dtype} on {q.device}, {k.device}, {v.device}, but "
+                             f"the cache is {cache.kv.k.dtype} on {device}: make them match")
