@@ -225,22 +225,52 @@ def measure(args):
 # ----------------------------------------------------------------------------- the run
 
 def child(args, kind, attention, length, setting=None):
-    """One measurement in a fresh process; a failure (e.g. out of memory) is recorded, not fatal.
-    setting: (chunk size, chunks per head or None) for LongHeads, else --chunk-size's."""
+    """One measurement in a fresh process; a failure (e.g. out of memory, its time is up) is
+    recorded, not fatal. setting: (chunk size, chunks per head or None) for LongHeads, else
+    --chunk-size's. The record goes to --records the moment it exists."""
     argv = [sys.executable, __file__, "--one", kind, attention, str(length)]
     argv += passthrough(args, setting or (args.chunk_size, args.num_chunks))
-    done = subprocess.run(argv, capture_output=True, text=True)
+    record = dict(kind=kind, attention=attention, length=length)
+    limit = time_for_one(args)
+    if limit is not None and limit <= 0:
+        record.update(error="skipped: --deadline reached")
+    else:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=limit)
+        except subprocess.TimeoutExpired:
+            record.update(error=f"timed out after {limit:.0f} s")
+        else:
+            record = read_child(args, done, record)
+    if "error" in record:
+        print(f"  {kind} {attention} {length}: failed: {record['error']}", file=sys.stderr)
+    else:
+        numbers = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
+        label = " ".join(x for x in (kind, attention, record.get("setting"), str(length)) if x)
+        print(f"  {label}: {numbers}", file=sys.stderr)
+    if args.records:  # one JSON line, on disk before the next measurement starts
+        with open(args.records, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return record
+
+
+def read_child(args, done, record):
+    """The record a finished child printed, or its failure."""
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or ["exit code %d" % done.returncode])[-1]
-        print(f"  {kind} {attention} {length}: failed: {reason}", file=sys.stderr)
-        return dict(kind=kind, attention=attention, length=length, error=reason)
+        return dict(record, error=reason)
     if args.profile:
         print(done.stderr, file=sys.stderr)
-    record = json.loads(done.stdout.strip().splitlines()[-1])
-    numbers = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
-    label = " ".join(x for x in (kind, attention, record.get("setting"), str(length)) if x)
-    print(f"  {label}: {numbers}", file=sys.stderr)
-    return record
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def time_for_one(args):
+    """Seconds the next measurement may take: --timeout, and no further than --deadline."""
+    limit = args.timeout or float("inf")
+    if args.deadline:
+        limit = min(limit, args.deadline - (time.perf_counter() - args.started))
+    return limit if limit != float("inf") else None
 
 
 def passthrough(args, setting):
@@ -372,7 +402,13 @@ def parse_args(argv=None):
                    help="print torch.profiler's top operators of the tiled path (attention alone)")
     p.add_argument("--repeat", type=int, default=1,
                    help="timed runs per measurement; the median is kept")
-    p.add_argument("--json", help="write the records and ratios to this file")
+    p.add_argument("--json", help="write the records and ratios to this file, at the end")
+    p.add_argument("--records", help="append each record to this file as one JSON line, as "
+                   "soon as it exists (a run cut short keeps what it finished)")
+    p.add_argument("--timeout", type=float, help="seconds one measurement may take; past it, "
+                   "it is recorded as timed out")
+    p.add_argument("--deadline", type=float, help="seconds the whole run may take: no "
+                   "measurement runs past it, those left are recorded as skipped")
     p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: one measurement
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -385,6 +421,8 @@ def check_args(p, args):
     lengths = args.lengths + args.decode_lengths + args.attention_lengths
     if min(lengths, default=1) < 1 or args.repeat < 1:
         p.error("lengths and --repeat must be positive")
+    if min(args.timeout or 1, args.deadline or 1) <= 0:
+        p.error("--timeout and --deadline must be positive seconds")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available here; use --device cpu")
     if args.offload and not args.device.startswith("cuda"):
@@ -401,7 +439,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.one:
         return measure(args)
-    start = time.perf_counter()
+    start = args.started = time.perf_counter()
     records = run(args)
     if records and all("error" in r for r in records):
         sys.exit("bench.py: every measurement failed (the lines above say why)")

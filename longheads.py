@@ -22,7 +22,8 @@ union is always the own chunk g (every query picks it), so the causal mask appli
 alone. Masked scores are wasted work, and the code stays short and exact; tiled.py, the fast
 path, reads only what each query picked. Autograd works through longheads_attention. Without
 autograd its memory is linear in T; with it, what every chunk computed is kept for the backward
-pass, which grows about as T^2 (85, 307, 1159 MiB saved at T = 1k, 2k, 4k; 4 heads of 64, 4 chunks of 128).
+pass, which grows about as T^2 (85, 307, 1159 MiB saved at T = 1k, 2k, 4k; 4 heads of 64,
+4 chunks of 128).
 After the section: the rules every entry point shares (the paper's number of chunks, argument
 checks) and longheads_reference, a slow per-query loop written from DESIGN.md: the test oracle.
 

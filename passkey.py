@@ -168,24 +168,27 @@ def answer(model, prompts, device):
     ids, seconds) for each, in order.
 
     Trials share a lot: every prompt of a sweep starts with the same haystack, up to its key
-    line. So the shared parts go into caches that grow prompt by prompt, and each prompt goes on
-    from a copy of them: the attention of one prefill of the whole prompt, for a fraction of the
-    work. A prompt whose shared part does not extend what the caches hold starts them over.
-    A prompt's seconds are the work done for it (the shared part not yet prefilled, its rest).
+    line. So the shared parts are prefilled once, into caches that grow prompt by prompt; each
+    prompt goes on from there, and the caches are then wound back to the end of the shared part
+    (one set of caches: a 7B model's at 128k tokens is 64 GiB). A prompt whose shared part does
+    not extend what the caches hold starts them over. A prompt's seconds are the work done for
+    it (the shared part not yet prefilled, its rest).
     """
     longest = max(len(shared) + len(rest) for shared, rest in prompts) + NEW_TOKENS
-    shared_caches, caches = model.new_caches(1, longest), model.new_caches(1, longest)
-    held = []  # the tokens shared_caches hold
+    caches = model.new_caches(1, longest)
+    held, saved = [], None  # the shared tokens the caches hold, and their state just after them
     for shared, rest in prompts:
         start = time.perf_counter()
         if shared[:len(held)] != held:
-            held = []
-            for cache in shared_caches:
+            held, saved = [], None
+            for cache in caches:
                 cache.length = 0  # start over: what they held is overwritten as they fill
+        elif saved is not None:
+            wind_back(caches, saved)
         if len(shared) > len(held):
-            prefill(model, shared[len(held):], shared_caches, device)
+            prefill(model, shared[len(held):], caches, device)
             held = shared
-        copy_caches(shared_caches, caches)
+        saved = small_state(caches)
         prefill(model, rest[:-1], caches, device)
         out = model.generate(torch.tensor([rest[-1:]], device=device), NEW_TOKENS, caches=caches)
         yield out[0, 1:].tolist(), time.perf_counter() - start
@@ -202,16 +205,24 @@ def prefill(model, ids, caches, device):
         model.hidden(torch.tensor([ids[s:s + SEGMENT]], device=device), caches)
 
 
-def copy_caches(src, dst):
-    """Make the caches dst hold what src holds: the keys and values of its tokens, copied into
-    dst's own memory, and the rest of a cache's state (LongHeads' summaries: small) whole."""
-    for s, d in zip(src, dst):
-        for (name, x), y in zip(s.named_buffers(), d.buffers()):
-            if name.rsplit(".", 1)[-1] in ("k", "v"):  # (B, Hkv, max_len, D): the tokens held
-                y[:, :, :s.length] = x[:, :, :s.length]
-            else:
-                y.copy_(x)
-        d.length = s.length
+KV_BUFFERS = ("k", "v", "k_true")  # a cache's buffers of one row per token
+
+
+def small_state(caches):
+    """What caches must get back to be wound back to now: their lengths and their buffers but
+    the keys and values (LongHeads' summaries and the queries of the unfinished chunk: small).
+    Keys and values past a cache's length are never read, and are overwritten as it fills."""
+    return [(cache.length, {name: x.clone() for name, x in cache.named_buffers()
+                            if name.rsplit(".", 1)[-1] not in KV_BUFFERS}) for cache in caches]
+
+
+def wind_back(caches, saved):
+    """Make caches hold what they held when small_state saved them (nothing added since)."""
+    for cache, (length, buffers) in zip(caches, saved):
+        for name, x in cache.named_buffers():
+            if name in buffers:
+                x.copy_(buffers[name])
+        cache.length = length
 
 
 def prefill_work(prompts):
@@ -277,8 +288,9 @@ def bytes_needed(cfg, length, attention, dtype, offload=False):
     when LongHeads' cache is offloaded, in CPU memory: (device bytes, host bytes)."""
     size = torch.finfo(dtype).bits // 8
     tokens = length + NEW_TOKENS
-    # keys and values, twice: the filler's caches that trials share and one trial's copy
-    cache = 2 * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * tokens * cfg.head_dim * size
+    # keys and values, one set; LongHeads also keeps its first K chunks' keys at true positions
+    copies = 3 if attention == "longheads" else 2
+    cache = copies * cfg.num_hidden_layers * cfg.num_key_value_heads * tokens * cfg.head_dim * size
     widths = (4 * cfg.hidden_size + 3 * cfg.intermediate_size
               + (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim)
     activations = tokens * widths * size

@@ -5,8 +5,8 @@ Skipped where there is no CUDA device; gpu_check.sh runs them on a GPU machine.
 import pytest
 import torch
 
-from longheads import longheads_attention, longheads_reference
-from tiled import LongHeadsCache, tiled_attention
+from longheads import longheads_attention, longheads_reference, rope_inv_freq
+from tiled import LongHeadsCache, attention_lse, causal_attention, tiled_attention
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -49,12 +49,13 @@ def test_cuda_bfloat16_stays_close_to_float32():
 
 
 @cuda
-def test_cuda_prefill_never_waits_for_the_gpu():
-    """No .item(), .tolist() or Python `if` on a GPU tensor in a prefill or a step (where the
-    tile count's bound wastes little: pack counts exactly, and waits, only where it would not)."""
-    q, k, v = random_qkv(1200, D=64, dtype=torch.bfloat16, device="cuda")
-    cache = LongHeadsCache(1, 4, 2, 1201, 64, chunk_size=128, num_chunks=5, dtype=torch.bfloat16,
-                           device="cuda")
+@pytest.mark.parametrize("H, Hkv", [(4, 2), (2, 2)])
+def test_cuda_prefill_never_waits_for_the_gpu(H, Hkv):
+    """No .item(), .tolist() or Python `if` on a GPU tensor in a prefill or a step, with
+    grouped heads and with one head per group (Llama-2-7B's)."""
+    q, k, v = random_qkv(1200, H=H, Hkv=Hkv, D=64, dtype=torch.bfloat16, device="cuda")
+    cache = LongHeadsCache(1, H, Hkv, 1201, 64, chunk_size=128, num_chunks=5,
+                           dtype=torch.bfloat16, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -74,3 +75,35 @@ def test_offloaded_cache_gives_the_same_output():
     torch.testing.assert_close(offloaded(q, k, v), on_gpu(q, k, v))
     step = [x[:, :, -1:] for x in (q, k, v)]
     torch.testing.assert_close(offloaded(*step), on_gpu(*step))
+
+
+@cuda
+def test_cuda_rope_given_as_gpu_inverse_frequencies():
+    q, k, v = random_qkv(100, device="cuda")
+    opts = dict(chunk_size=8, num_chunks=5)
+    by_freq = longheads_attention(q, k, v, rope=rope_inv_freq(16).cuda(), **opts)
+    torch.testing.assert_close(by_freq, longheads_attention(q, k, v, **opts))
+
+
+@cuda
+def test_cuda_pieces_keep_float32_logits_in_bfloat16():
+    """Logits spread as a trained model's (std 24): the piece's log-sum-exp as in float64."""
+    gen = torch.Generator().manual_seed(10)
+    q = (torch.randn(8, 32, 64, generator=gen) * 3).bfloat16().cuda()
+    k, v = (torch.randn(8, 48, 64, generator=gen).bfloat16().cuda() for _ in range(2))
+    out, lse = attention_lse(q, k, v)
+    logits = q.double() @ k.double().transpose(-1, -2)
+    assert (lse.double() - logits.logsumexp(-1)).abs().max() < 1e-4
+
+
+@cuda
+@pytest.mark.parametrize("G", [1, 4])
+def test_cuda_causal_attention_after_a_prefix(G):
+    """The lower-right causal bias on the GPU's kernels against the masked definition."""
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 2 * G, 300, 64, generator=gen).cuda()
+    k, v = (torch.randn(1, 2, 1000, 64, generator=gen).cuda() for _ in range(2))
+    scores = q @ k.repeat_interleave(G, 1).transpose(-1, -2) / 8  # (1, H, 300, 1000)
+    future = torch.arange(1000, device="cuda") > torch.arange(700, 1000, device="cuda")[:, None]
+    expected = scores.masked_fill(future, float("-inf")).softmax(-1) @ v.repeat_interleave(G, 1)
+    torch.testing.assert_close(causal_attention(q, k, v), expected, atol=2e-3, rtol=2e-3)

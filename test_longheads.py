@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import longheads
 import tiled
@@ -106,10 +107,11 @@ def test_all_local_chunks_is_the_masked_sliding_window(attention, problem):
 
 @PROPERTY
 @given(st.integers(1, 40), st.integers(0, 40), st.integers(1, 2), st.sampled_from([1, 3]),
-       st.integers(1, 9), st.integers(0, 2**32 - 1))
+       st.integers(1, 9), st.integers(0, 2**32 - 1), st.booleans())
 def test_causal_attention_after_a_prefix_is_the_masked_definition(T, prefix, Hkv, G,
-                                                                  mask_block, seed):
-    """The last T of S queries, in blocks of mask_block, against the plain masked softmax."""
+                                                                  mask_block, seed, cuda_layout):
+    """The last T of S queries, in blocks of mask_block (CPU) or with a lower-right causal bias
+    (GPU, run here on the CPU), against the plain masked softmax."""
     gen, S = torch.Generator().manual_seed(seed), prefix + T
     q = torch.randn(1, Hkv * G, T, 4, generator=gen, dtype=torch.float64)
     k, v = (torch.randn(1, Hkv, S, 4, generator=gen, dtype=torch.float64) for _ in range(2))
@@ -118,7 +120,7 @@ def test_causal_attention_after_a_prefix_is_the_masked_definition(T, prefix, Hkv
     expected = scores.masked_fill(future, float("-inf")).softmax(-1) @ v.repeat_interleave(G, 1)
     old, tiled.MASK_BLOCK = tiled.MASK_BLOCK, mask_block
     try:
-        torch.testing.assert_close(causal_attention(q, k, v), expected)
+        torch.testing.assert_close(causal_attention(q, k, v, cuda_layout), expected)
     finally:
         tiled.MASK_BLOCK = old
 
@@ -132,11 +134,13 @@ def test_short_function_equals_reference(problem):
 
 
 @PROPERTY
-@given(problems("small"), st.integers(1, 7))
-def test_tiled_path_equals_reference(problem, block_size):
+@given(problems("small"), st.integers(1, 7), st.sampled_from(["cpu", "cuda"]))
+def test_tiled_path_equals_reference(problem, block_size, for_device):
+    """Both layouts of the work: the CPU's (whole rows, the fused kernel) and, on the CPU, the
+    GPU's (tiles counted by a bound, the plain pieces)."""
     q, k, v, opts = problem
-    torch.testing.assert_close(tiled_attention(q, k, v, block_size=block_size, **opts),
-                               longheads_reference(q, k, v, **opts))
+    got = tiled_attention(q, k, v, block_size=block_size, for_device=for_device, **opts)
+    torch.testing.assert_close(got, longheads_reference(q, k, v, **opts))
 
 
 def copyable_section():
@@ -727,3 +731,107 @@ def test_readme_snippet_runs_in_transformers(tmp_path, monkeypatch, rope_scaling
         long = hf(ids).logits
         torch.testing.assert_close(long, ours(ids), atol=1e-4, rtol=0)
     assert (long[:, 1024:] - plain[:, 1024:]).abs().max() > 1e-2  # past it, chunks were picked
+
+
+# ----------------------------------------------------------------------------- the GPU's layout
+
+# operations that make the host wait for the GPU: a count or a value read back, a shape that
+# depends on data (boolean masks go through nonzero), a copy to the host
+WAITING = {"aten::nonzero", "aten::nonzero_static", "aten::masked_select", "aten::item",
+           "aten::_local_scalar_dense", "aten::is_nonzero", "aten::unique_consecutive",
+           "aten::_unique2", "aten::unique_dim", "aten::repeat_interleave"}
+
+
+class RecordOps(TorchDispatchMode):
+    """Every aten operation run inside it, and the ones that would wait on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.waits = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        self.ops.append(name)
+        indices = args[1] if name.startswith("aten::index") and len(args) > 1 else ()
+        masked = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                     for i in (indices if isinstance(indices, (list, tuple)) else ()))
+        to_host = (name in ("aten::_to_copy", "aten::copy_") and "cpu" in str(kwargs or {}))
+        if name in WAITING or masked or to_host:
+            self.waits.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("select, G", [("summary", 2), ("maxkey", 2), ("summary", 1)])
+def test_the_gpu_layout_never_waits_for_the_gpu(select, G):
+    """A prefill block past the first K chunks and a decoding step, in the GPU's layout, run
+    on the CPU under a recorder: not one operation that would make the host wait."""
+    gen = torch.Generator().manual_seed(9)
+    T, Hkv = 300, 2
+    q = torch.randn(1, Hkv * G, T + 1, 16, generator=gen)
+    k, v = (torch.randn(1, Hkv, T + 1, 16, generator=gen) for _ in range(2))
+    cache = LongHeadsCache(1, Hkv * G, Hkv, T + 1, 16, chunk_size=16, num_chunks=5,
+                           select=select, for_device="cuda")
+    cache(q[:, :, :200], k[:, :, :200], v[:, :, :200])  # past the first K chunks (80 tokens)
+    for s, e in [(200, T), (T, T + 1)]:  # a prefill block, then a decoding step
+        with RecordOps() as recorded:
+            cache(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e])
+        assert len(recorded.ops) > 50, "the recorder saw the work"
+        assert recorded.waits == [], (s, e, recorded.waits)
+    out = torch.cat([tiled_attention(q[:, :, :200], k[:, :, :200], v[:, :, :200],
+                                     chunk_size=16, num_chunks=5, select=select)], 2)
+    assert out.shape == (1, Hkv * G, 200, 16)
+
+
+def test_the_recorder_sees_what_waits():
+    """The recorder is not blind: the CPU's layout counts its tiles exactly, a boolean mask
+    goes through nonzero, and .item() reads a value back."""
+    with RecordOps() as recorded:
+        pack(torch.tensor([0, 0, 1, 3]), 2, 4, whole=False)  # exact count: int(tiles.sum())
+        x = torch.arange(6.0)
+        x[x > 2].sum().item()
+    assert "aten::_local_scalar_dense" in recorded.waits
+    assert any("nonzero" in name or "index" in name for name in recorded.waits)
+
+
+@PROPERTY
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=300), st.integers(1, 8))
+def test_tiles_counted_by_the_bound_hold_every_item(keys, size):
+    """pack with `most` (the GPU's layout): the same rows as the exact count, then empty tiles up
+    to the bound, never fewer; and where every bucket fits one tile, no empty tile at all."""
+    key = torch.tensor(keys)
+    most = max(keys.count(k) for k in set(keys))
+    place, [(tile_key, length)] = pack(key, size, 10, whole=False, most=most)
+    exact_place, [(exact_key, _)] = pack(key, size, 10, whole=False)
+    assert torch.equal(place, exact_place) and length == size
+    assert torch.equal(tile_key[:len(exact_key)], exact_key)
+    assert len(tile_key) == tiled.tile_bound(len(keys), size, 10, most) >= len(exact_key)
+    if most <= size:
+        assert len(tile_key) == min(10, len(keys)) and len(exact_key) <= len(tile_key)
+
+
+def test_a_decoding_step_with_one_head_per_group_has_no_empty_tiles():
+    """Llama-2-7B's shape (G = 1): a step's K - 1 pairs, each a different chunk, take K - 1
+    tiles of one pair, not twice that."""
+    K, heads = 16, 32
+    assert tiled.tile_bound(heads * (K - 1), 1, heads * 600, most=1) == heads * (K - 1)
+
+
+@pytest.mark.parametrize("spread", [4.0, 12.0, 24.0])
+def test_the_plain_piece_in_bfloat16_keeps_float32_logits(spread):
+    """The GPU's piece (attention_lse_plain) on bfloat16 inputs whose logits spread widely, as
+    a trained model's do: its log-sum-exp and output match float64 on the same inputs."""
+    gen = torch.Generator().manual_seed(10)
+    q = (torch.randn(8, 32, 64, generator=gen) * spread / 8).bfloat16()  # logits' std ~ spread
+    k, v = (torch.randn(8, 48, 64, generator=gen).bfloat16() for _ in range(2))
+    out, lse = tiled.attention_lse_plain(q, k, v)
+    logits = q.double() @ k.double().transpose(-1, -2)
+    assert (lse.double() - logits.logsumexp(-1)).abs().max() < 1e-4
+    want = logits.softmax(-1) @ v.double()
+    assert (out.double() - want).abs().max() < 1e-4
+
+
+def test_offload_refuses_maxkey():
+    with pytest.raises(ValueError, match="use select='summary' with offload"):
+        tiled.check_cache_options(None, torch.device("cuda"), True, "maxkey", None)
+    with pytest.raises(ValueError, match="for_device must be"):
+        LongHeadsCache(1, 2, 1, 8, 4, chunk_size=4, num_chunks=3, for_device="gpu")

@@ -125,9 +125,12 @@ def test_trials_sharing_the_haystack_answer_as_whole_prompts(smollm2, tokenizer,
     if attention == "truncated":  # the first key is cut away, the others kept: a new start
         rests = [rest for *_, (shared, rest) in prompts]
         assert rests[0] == tokenizer.continuation(passkey.QUESTION) != rests[1]
-    embedded = []
+    embedded, made = [], []
     model.model.embed_tokens.register_forward_hook(lambda m, a, o: embedded.append(a[0].shape[1]))
+    new_caches = model.new_caches
+    model.new_caches = lambda *a: made.append(a) or new_caches(*a)
     answers = list(passkey.answer(model, [parts for *_, parts in prompts], "cpu"))
+    assert len(made) == 1  # one set of caches, wound back between trials: not a copy each
     whole = sum(len(shared) + len(rest) for *_, (shared, rest) in prompts)
     assert sum(embedded) - 4 * (passkey.NEW_TOKENS - 1) < whole  # the haystack was shared
     assert sum(embedded) == passkey.prefill_work([parts for *_, parts in prompts])

@@ -158,7 +158,7 @@ def test_cli_writes_records_and_a_plot(tmp_path, monkeypatch, capsys):
     out = tmp_path / "p.json"
     perplexity.main(["--len", "40", "24", "--docs", "2", "--chunk-size", "4", "--num-chunks", "4",
                      "--attention", "full", "window", "--json", str(out),
-                     "--plot", str(tmp_path / "p.png")])
+                     "--plot", str(tmp_path / "p.png"), "--device", "cpu"])  # the model's device
     records = json.loads(out.read_text())
     assert [(r["length"], r["doc"], r["attention"]) for r in records] == [
         (n, d, a) for n in (40, 24) for d in (0, 1) for a in ("full", "window")]

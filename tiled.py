@@ -29,6 +29,7 @@ P (query, chunk) pairs of a block.
 import math
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 from longheads import (CHUNK_SIZE, LAYOUT, LOCAL_CHUNKS, SELECT, apply_rope, candidate_scores,
                        check_config, chunk_summaries, rope_table, select_chunks)
@@ -36,6 +37,7 @@ from longheads import (CHUNK_SIZE, LAYOUT, LOCAL_CHUNKS, SELECT, apply_rope, can
 SUMMARY_TOKENS = 4096  # chunks are summarised this many tokens at a time (bounds working memory)
 BLOCK_SCORES = 2**24  # default query block: about this many (query, key) scores (64 MiB float32)
 BLOCK_QUERIES = 512  # ... and at most this many queries, or one chunk of them if more
+CUDA_BLOCK_SCORES, CUDA_BLOCK_QUERIES = 2**28, 2048  # on a GPU: fewer, larger blocks
 TILE = 32  # (query, chunk) pairs: a row is padded to a multiple of it (CPU), or is it (CUDA)
 MASK_BLOCK = 1024  # queries per masked SDPA call after a cached prefix (it computes masked scores)
 SDPA = torch.nn.functional.scaled_dot_product_attention
@@ -55,21 +57,22 @@ class LongHeadsCache(torch.nn.Module):
     def __init__(self, batch, num_heads, num_kv_heads, max_len, head_dim, *, num_chunks,
                  chunk_size=CHUNK_SIZE, rope=None, rope_theta=10000.0, block_size=None,
                  dtype=torch.float32, device=None, offload=False, layout=LAYOUT, select=SELECT,
-                 local_chunks=LOCAL_CHUNKS):
+                 local_chunks=LOCAL_CHUNKS, for_device=None):
         super().__init__()
+        device = torch.device(device or "cpu")
         check_config(num_heads, num_kv_heads, chunk_size, num_chunks, layout, select,
                      local_chunks)
-        if block_size is not None and block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if offload and torch.device(device or "cpu").type != "cuda":
-            raise ValueError("offload keeps keys and values in CPU memory for a CUDA device; "
-                             "without a CUDA device there is nothing to offload: drop offload")
+        check_cache_options(block_size, device, offload, select, for_device)
         self.w, self.K, self.G = chunk_size, num_chunks, num_heads // num_kv_heads
         self.layout, self.select, self.local_chunks = layout, select, local_chunks
+        # the work laid out as for a GPU (tiles, the plain pieces, no waits) or for a CPU; the
+        # device's own unless for_device says otherwise (the tests run the GPU's on the CPU)
+        self.cuda_layout = (for_device or device.type) == "cuda"
         self.block_size = block_size or default_block_size(batch * num_heads, chunk_size,
-                                                           num_chunks)
+                                                           num_chunks, self.cuda_layout)
         self.max_len, self.length = max_len, 0
         n = -(-max_len // chunk_size)  # chunks, the last one possibly partial
+        near = min(num_chunks * chunk_size, max_len)  # tokens in the first K chunks
         self.kv = ChunkedKV(batch, num_kv_heads, n * chunk_size, head_dim, chunk_size, dtype,
                             device, offload)
         wide = torch.promote_types(dtype, torch.float32)  # summaries and scores: float32 or wider
@@ -78,10 +81,11 @@ class LongHeadsCache(torch.nn.Module):
                                   device=device),
             # the raw queries of the unfinished chunk: its summary will need them
             q_tail=torch.zeros(batch, num_kv_heads, self.G, chunk_size, head_dim, dtype=dtype,
-                               device=device))
-        # (positions, D) each: every position a query or a key can get
-        cos, sin = rope_table(rope, rope_theta, head_dim, min(num_chunks * chunk_size, max_len),
-                              device, dtype)
+                               device=device),
+            # the first K chunks' keys also at their true positions: their queries read them so
+            k_true=torch.zeros(batch, num_kv_heads, near, head_dim, dtype=dtype, device=device))
+        # (near, D) each: every position a query or a key can get
+        cos, sin = rope_table(rope, rope_theta, head_dim, near, device, dtype)
         for name, x in dict(buffers, cos=cos, sin=sin).items():
             self.register_buffer(name, x, persistent=False)
 
@@ -99,21 +103,17 @@ class LongHeadsCache(torch.nn.Module):
         outg = out.view(B, -1, self.G, T, D)  # (B, Hkv, G, T, D)
         for s in range(start + near, start + T, self.block_size):
             e = min(start + T, s + self.block_size)
-            outg[..., s - start:e - start, :] = attend_block(self, qg[..., s - start:e - start, :],
-                                                             s, e)
+            q_block = qg[..., s - start:e - start, :]  # (B, Hkv, G, e - s, D)
+            outg[..., s - start:e - start, :] = attend_block(self, q_block, s, e)
         self.kv.scratch.clear()  # the working memory of one call, not of every layer's cache
         return out
 
     def _attend_all(self, q, s):
         """§2, g < K: queries s.. (B, H, b, D) read every chunk at true positions: causal."""
         e = s + q.shape[2]
-        chunk_start = torch.arange(e, device=q.device) // self.w * self.w  # (e,)
-        # RoPE composes: a key rotated to its offset in the chunk, then by its chunk's start, is
-        # the key at its true position
-        k, v = self.kv.span(0, e)
-        k = apply_rope(k, self.cos[chunk_start], self.sin[chunk_start])  # (B, Hkv, e, D)
+        v = self.kv.span(0, e, keys=False)[0]  # (B, Hkv, e, D)
         q = apply_rope(q, self.cos[s:e], self.sin[s:e])  # (B, H, b, D)
-        return causal_attention(q, k, v)
+        return causal_attention(q, self.k_true[:, :, :e], v, cuda_layout=self.cuda_layout)
 
     def _store(self, q, k, v):
         """Write keys (rotated) and values; summarise every chunk these tokens complete."""
@@ -121,6 +121,10 @@ class LongHeadsCache(torch.nn.Module):
         offsets = torch.arange(start, start + T, device=k.device) % w
         self.kv.write(start, apply_rope(k, self.cos[offsets], self.sin[offsets]), v)
         self.length = start + T
+        near = min(start + T, self.k_true.shape[2])  # tokens start..near-1: in the first K chunks
+        if start < near:
+            cos, sin = self.cos[start:near], self.sin[start:near]  # their true positions
+            self.k_true[:, :, start:near] = apply_rope(k[:, :, :near - start], cos, sin)
         # why: a chunk's summary needs the queries of all its tokens, some of which came earlier
         tail = start % w
         if tail:
@@ -151,41 +155,62 @@ class LongHeadsCache(torch.nn.Module):
 
 
 class ChunkedKV(torch.nn.Module):
-    """Keys and values of one layer, (B, Hkv, tokens, D) each, read by token spans and by chunks:
-    on the compute device, or offloaded to pinned CPU memory (then only what a block reads moves
-    to the GPU)."""
+    """Keys and values of one layer, (B, Hkv, tokens, D) each, read by token spans and by chunks,
+    on the compute device, or offloaded: kept in pinned CPU memory, where the CPU gathers what a
+    block reads into a pinned staging buffer, which then goes to the GPU without blocking."""
 
     def __init__(self, batch, num_kv_heads, tokens, head_dim, chunk_size, dtype, device, offload):
         super().__init__()
-        self.chunk_size, self.scratch = chunk_size, {}
-        self.device = torch.device(device or "cpu")  # where the queries are, and reads go to
+        self.chunk_size, self.device, self.offload = chunk_size, device, offload
+        self.scratch, self.sent = {}, None  # staging buffers, and the event of their last send
         store = dict(device="cpu", pin_memory=True) if offload else dict(device=device)
         shape = (batch, num_kv_heads, tokens, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, **store), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, **store), persistent=False)
 
     def write(self, start, k, v):
-        """Store k, v (B, Hkv, T, D) as tokens start..start+T-1."""
+        """Store k, v (B, Hkv, T, D) as tokens start..start+T-1. Offloaded, this copy to the host
+        waits for the GPU: one wait a call, after which the CPU may read what it wrote."""
         self.k[:, :, start:start + k.shape[2]] = k
         self.v[:, :, start:start + v.shape[2]] = v
 
-    def span(self, s, e):
-        """Keys and values of tokens s..e-1, where the queries are: (B, Hkv, e - s, D) each."""
-        return tuple(x[:, :, s:e].to(self.device, non_blocking=True) for x in (self.k, self.v))
+    def span(self, s, e, keys=True):
+        """Keys (if keys) and values of tokens s..e-1, on the compute device: (B, Hkv, e - s, D)."""
+        names = ("k", "v") if keys else ("v",)
+        if not self.offload:
+            return tuple(getattr(self, name)[:, :, s:e] for name in names)
+        # why the staging buffer: a slice of several heads is not contiguous, and a copy to the
+        # GPU from anything but contiguous pinned memory blocks
+        out = []
+        for name in names:
+            x = getattr(self, name)[:, :, s:e]
+            out.append(self._stage("span_" + name, x.shape, x).copy_(x))
+        return self._send(out)
 
     def chunks(self, rows):
         """Keys and values of the chunks at rows of k.view(-1, w, D): (len(rows), w, D) each."""
-        device, shape = self.device, (len(rows), self.chunk_size, self.k.shape[-1])
-        if self.k.device != device:  # offloaded: the CPU gathers the chunks, then they move over
-            rows = rows.cpu()  # why: the CPU must know what to send; offloading's one wait a block
+        shape = (len(rows), self.chunk_size, self.k.shape[-1])
+        if self.offload:
+            rows = rows.cpu()  # why: the CPU must know what to send; offloading's wait a block
         gathered = [torch.index_select(x.view(-1, *shape[1:]), 0, rows,
-                                       out=self._scratch(name, shape, x))
+                                       out=self._stage(name, shape, x))
                     for name, x in [("k", self.k), ("v", self.v)]]
-        return tuple(x.to(device, non_blocking=True) for x in gathered)
+        return self._send(gathered) if self.offload else tuple(gathered)
 
-    def _scratch(self, name, shape, like):
+    def _send(self, tensors):
+        """Pinned staging buffers to the GPU, without blocking; remembered, so that no buffer is
+        refilled before its copy is done."""
+        out = tuple(x.to(self.device, non_blocking=True) for x in tensors)
+        self.sent = torch.cuda.Event()
+        self.sent.record()
+        return out
+
+    def _stage(self, name, shape, like):
         """A buffer reused from block to block, on like's device: on the CPU, fresh large tensors
-        cost page faults every time; offloaded, it is the pinned staging area for the GPU."""
+        cost page faults every time; offloaded, it is a pinned staging buffer for the GPU."""
+        if self.sent is not None:
+            self.sent.synchronize()  # why: the last copy to the GPU may still be reading it
+            self.sent = None
         numel = math.prod(shape)
         buf = self.scratch.get(name)
         if buf is None or buf.numel() < numel:
@@ -194,14 +219,17 @@ class ChunkedKV(torch.nn.Module):
         return buf[:numel].view(shape)
 
 
-def default_block_size(query_heads, chunk_size, num_chunks):
+def default_block_size(query_heads, chunk_size, num_chunks, cuda_layout=False):
     """Queries per block: about BLOCK_SCORES (query, key) scores over all B * H heads, at most
     BLOCK_QUERIES queries or one chunk of them. With a small budget a block holds several chunks
     of queries, so that the fixed cost of a block (selection, layout, some 200 small operations)
-    is shared by more queries."""
+    is shared by more queries. A GPU has the memory for larger blocks, and each block costs it
+    some 200 kernel launches: there, CUDA_BLOCK_SCORES and CUDA_BLOCK_QUERIES."""
+    scores, queries = (CUDA_BLOCK_SCORES, CUDA_BLOCK_QUERIES) if cuda_layout else (
+        BLOCK_SCORES, BLOCK_QUERIES)
     per_query = query_heads * num_chunks * chunk_size  # scores of one query, every head
-    most = max(chunk_size, BLOCK_QUERIES)
-    return max(1, min(most, BLOCK_SCORES // per_query))
+    most = max(chunk_size, queries)
+    return max(1, min(most, scores // per_query))
 
 
 # ----------------------------------------------------------------------------- one block
@@ -227,12 +255,14 @@ def attend_block(cache, q, s, e):
     # a pair's bucket: its head and chunk as one number, head-major: head * m + chunk
     heads = torch.arange(B * Hkv, device=dev).view(B, Hkv, 1, 1, 1) * m  # (B, Hkv, 1, 1, 1)
     bucket = (ids[..., :-1] + heads).flatten()  # (P,), P = B * Hkv * G * b * (K - 1)
-    size = min(TILE, G * b)  # no chunk is picked by more pairs than the group has queries
-    # why whole rows on the CPU: a row per chunk reads its keys once; on CUDA, rows of `size`
-    # are what pack can lay out without waiting for the GPU; and where no chunk can have more
-    # than `size` pairs (a decoding step), rows of `size` are whole rows, in one group
-    whole = not q.is_cuda and G * b > size
-    place, row_groups = pack(bucket, size, B * Hkv * m, whole=whole)  # (P,), rows by length
+    most = G * b  # no chunk is picked by more pairs than the group has queries
+    size = min(TILE, most)
+    # why whole rows on the CPU: a row per chunk reads its keys once; on CUDA, tiles of `size`
+    # pairs, whose number pack bounds without asking the GPU for counts; where no chunk can have
+    # more than `size` pairs (a decoding step), rows of `size` are whole rows, in one group
+    whole = not cache.cuda_layout and most > size
+    bound = most if cache.cuda_layout else None  # CUDA: the tile count from a bound, no wait
+    place, row_groups = pack(bucket, size, B * Hkv * m, whole=whole, most=bound)  # (P,), rows
     slots = sum(len(row_bucket) * length for row_bucket, length in row_groups)
     q_rows = qr.new_zeros(slots, D).index_copy_(0, place, qr.reshape(-1, D))  # (slots, D)
     out, lse = read_rows(cache, q_rows, row_groups, m)  # (slots, D), (slots,)
@@ -252,8 +282,9 @@ def read_rows(cache, q_rows, row_groups, m):
         rows = row_bucket // m * chunks_per_head + row_bucket % m  # (n_rows,): k.view(-1, w, D)
         k_rows, v_rows = cache.kv.chunks(rows)  # (n_rows, w, D) each: one read of a chunk
         last = first + len(row_bucket) * length
-        piece_out, piece_lse = attention_lse(q_rows[first:last].view(-1, length, D), k_rows,
-                                             v_rows)  # (n_rows, length, D), (n_rows, length)
+        q_piece = q_rows[first:last].view(-1, length, D)  # (n_rows, length, D)
+        piece_out, piece_lse = attention_lse(q_piece, k_rows, v_rows, fused=not cache.cuda_layout)
+        # piece_out (n_rows, length, D), piece_lse (n_rows, length)
         out.append(piece_out.view(-1, D))  # (n_rows * length, D)
         lse.append(piece_lse.view(-1))  # (n_rows * length,)
         first = last
@@ -272,34 +303,43 @@ def own_chunk(cache, q, s, e):
     mine = (u // w == t[:, None] // w) & (u <= t[:, None])  # (b, e - lo)
     # the G query heads of a key/value head share its keys: one (G * b)-query problem each
     out, lse = attention_lse(q.reshape(B * Hkv, G * b, D), k.flatten(0, 1), v.flatten(0, 1),
-                             mine.repeat(G, 1))  # (B * Hkv, G * b, D), (B * Hkv, G * b)
+                             mine.repeat(G, 1), fused=not cache.cuda_layout)
+    # out (B * Hkv, G * b, D), lse (B * Hkv, G * b)
     return out.view(B, Hkv, G, b, D), lse.view(B, Hkv, G, b)
 
 
 def tiled_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_theta=10000.0,
                     rope=None, block_size=None, layout=LAYOUT, select=SELECT,
-                    local_chunks=LOCAL_CHUNKS):
+                    local_chunks=LOCAL_CHUNKS, for_device=None):
     """longheads_attention through the fast path: a LongHeadsCache used once.
 
-    The same arguments, and block_size: queries per block (default_block_size); it bounds the
-    working memory. Inference only (no autograd).
+    The same arguments, and block_size: queries per block (default_block_size), which bounds the
+    working memory; for_device: "cuda" or "cpu", lay the work out as for that device (default:
+    q's). Inference only (no autograd).
     """
     check_inputs(q, k, v)
     B, H, T, D = q.shape
     cache = LongHeadsCache(B, H, k.shape[1], T, D, chunk_size=chunk_size, num_chunks=num_chunks,
                            rope=rope, rope_theta=rope_theta, block_size=block_size, dtype=q.dtype,
                            device=q.device, layout=layout, select=select,
-                           local_chunks=local_chunks)
+                           local_chunks=local_chunks, for_device=for_device)
     return cache(q, k, v)
 
 
 # ----------------------------------------------------------------------------- attention pieces
 
-def causal_attention(q, k, v):
-    """Causal attention of the last T of S positions: q (B, H, T, D), k, v (B, Hkv, S, D)."""
+def causal_attention(q, k, v, cuda_layout=None):
+    """Causal attention of the last T of S positions: q (B, H, T, D), k, v (B, Hkv, S, D).
+    cuda_layout: compute as on a GPU (default: where q is)."""
     T, S = q.shape[2], k.shape[2]
     if T in (1, S):  # one new token sees every key; a whole sequence is SDPA's own causal case
         return SDPA(q, k, v, is_causal=T > 1, enable_gqa=True)
+    if q.is_cuda if cuda_layout is None else cuda_layout:
+        # why: a lower-right causal bias runs the fused GPU kernels with no mask in memory; the
+        # memory-efficient one takes no grouped heads, so keys and values go to every head
+        G = q.shape[1] // k.shape[1]
+        k, v = (x.repeat_interleave(G, dim=1) if G > 1 else x for x in (k, v))  # (B, H, S, D)
+        return SDPA(q, k, v, attn_mask=causal_lower_right(T, S))
     # why: after a cached prefix the mask must align bottom-right, which is_causal does not do,
     # and SDPA computes every score under an explicit mask: so blocks of queries each read the
     # keys up to their last one, and only a block's own triangle is computed in vain
@@ -314,15 +354,15 @@ def causal_attention(q, k, v):
     return torch.cat(out, dim=2)  # (B, H, T, D)
 
 
-def attention_lse(q, k, v, mask=None):
+def attention_lse(q, k, v, mask=None, fused=True):
     """Attention of one piece of keys, and its log-sum-exp, so that pieces merge later.
 
     q (N, L, D), already scaled; k, v (N, S, D); mask (L, S), True where a query may look, or
     None. Returns softmax(q k^T) v (N, L, D) and logsumexp(q k^T) (N, L), float32 or wider.
-    On the CPU, one fused kernel; elsewhere the plain computation, which is also its reference.
+    On the CPU (and fused), one fused kernel; else the plain computation, also its reference.
     """
     wide = torch.promote_types(q.dtype, torch.float32)
-    if q.device.type == "cpu" and FUSED_CPU is not None:
+    if fused and q.device.type == "cpu" and FUSED_CPU is not None:
         bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(
             ~mask, float("-inf"))  # (L, S): the kernel takes an additive mask of q's dtype
         out, lse = FUSED_CPU(q[:, None], k[:, None], v[:, None], attn_mask=bias, scale=1.0)
@@ -333,7 +373,9 @@ def attention_lse(q, k, v, mask=None):
 def attention_lse_plain(q, k, v, mask=None):
     """attention_lse, written out: the fallback, and what the tests hold the fused kernel to."""
     wide = torch.promote_types(q.dtype, torch.float32)
-    logits = (q @ k.transpose(-1, -2)).to(wide)  # (N, L, S)
+    # why wide before the product: bfloat16 logits lose ~0.1 nats at a logit spread of 4, and
+    # SDPA, what LongHeads is compared with, keeps its scores in float32
+    logits = q.to(wide) @ k.to(wide).transpose(-1, -2)  # (N, L, S)
     if mask is not None:
         logits.masked_fill_(~mask, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # (N, L)
@@ -349,11 +391,13 @@ def merge(out, lse, one, one_lse):
     return (weight[..., None, :-1] @ out).squeeze(-2) + weight[..., -1:] * one
 
 
-def pack(bucket, size, num_buckets, whole=True):
+def pack(bucket, size, num_buckets, whole=True, most=None):
     """Lay items out in rows by bucket, rows end to end, for one fused call per row length.
 
     bucket: (P,) integers in [0, num_buckets). whole: one row per bucket, its items padded to a
     multiple of size; else rows of size (tiles), a bucket's items filling them one after another.
+    most: None, or the most items a bucket can have; then tiles are counted by a bound that needs
+    no look at the buckets (on a GPU, no wait), and the tiles beyond the real ones stay empty.
     Returns place (P,): each item's index in the rows laid end to end, and the rows as groups
     [(bucket (n,), length)]: n rows of that length and buckets, in order, one group per length.
     """
@@ -378,16 +422,37 @@ def pack(bucket, size, num_buckets, whole=True):
         return start[bucket] + place, row_groups
     first_tile = tiles.cumsum(0) - tiles  # (num_buckets,)
     tile, slot = first_tile[bucket] + place // size, place % size  # (P,) each
-    full, bound = len(bucket) // size, len(bucket) // size + min(num_buckets, len(bucket))
-    # why: on CUDA the exact count is a host-device sync; the bound needs none but computes empty
-    # tiles, so it is taken where they are at most as many as the full ones (on the CPU, never)
-    n_tiles = bound if bucket.is_cuda and bound <= 2 * full + 1 else int(tiles.sum())
+    n_tiles = int(tiles.sum()) if most is None else tile_bound(len(bucket), size, num_buckets,
+                                                               most)
     tile_bucket = torch.zeros(n_tiles, dtype=torch.long, device=bucket.device)
     tile_bucket.index_put_((tile,), bucket)  # (n_tiles,): empty tiles keep bucket 0
     return tile * size + slot, [(tile_bucket, size)]
 
 
+def tile_bound(items, size, num_buckets, most):
+    """The most tiles of size that items in num_buckets buckets of at most `most` items can
+    fill: each bucket's last tile may be partial, and a bucket that fits one tile has one."""
+    used = min(num_buckets, items)  # buckets that can hold an item
+    if most <= size:
+        return used
+    return min(items, items // size + used)
+
+
 # ----------------------------------------------------------------------------- argument checks
+
+def check_cache_options(block_size, device, offload, select, for_device):
+    """One clear error for LongHeadsCache's own options."""
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if for_device not in (None, "cpu", "cuda"):
+        raise ValueError(f"for_device must be None, 'cpu' or 'cuda', got {for_device!r}")
+    if offload and device.type != "cuda":
+        raise ValueError("offload keeps keys and values in CPU memory for a CUDA device; "
+                         "without a CUDA device there is nothing to offload: drop offload")
+    if offload and select == "maxkey":
+        raise ValueError("select='maxkey' reads every key to choose, which offloading would copy "
+                         "to the GPU at every block: use select='summary' with offload")
+
 
 def check_inputs(q, k, v, cache=None):
     """One clear error for q, k, v that do not fit each other, or the cache."""

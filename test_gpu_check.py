@@ -1,0 +1,33 @@
+"""gpu_check.sh, whose one run on a GPU machine may be the only one: its dry run (toy sizes, the
+CPU) writes every record the moment it exists, and a run killed halfway keeps what it finished."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def test_the_dry_run_streams_records_and_a_kill_keeps_them(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    run = subprocess.Popen(["./gpu_check.sh", "--dry-run"], cwd=HERE, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)  # its own process group, to kill it whole
+    records, seen = tmp_path / "bench.jsonl", []
+    try:
+        deadline = time.monotonic() + 300
+        while len(seen) < 2 and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            seen = records.read_text().splitlines() if records.exists() else []
+        assert run.poll() is None, "the run ended before two records were on disk"
+        assert len(seen) >= 2, "no records while the run went on"
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)  # as a machine's time running out would
+        run.wait()
+    kept = [json.loads(line) for line in records.read_text().splitlines()]  # every line whole
+    assert len(kept) >= 2 and kept[0]["kind"] == "prefill" and "seconds" in kept[0]
+    assert "passed" in (tmp_path / "tests.log").read_text()  # the tests' log came first
+    assert not (tmp_path / "bench.json").exists()  # the summary is written at the end only
