@@ -20,7 +20,7 @@ import os
 import torch
 
 from longheads import apply_rope, rope_cos_sin, select_chunks
-from tiled import LongHeadsCache
+from tiled import LongHeadsCache, score_candidates
 
 
 @torch.no_grad()
@@ -145,7 +145,7 @@ def selection(cache, q, t):
 def query_scores(cache, q, t):
     """The scores (H, 1, g - 2) of candidates 1..g-2 for query t, q (H, D), as the cache scores."""
     qg = q.view(1, -1, cache.G, 1, q.shape[-1])  # (1, Hkv, G, 1, D), as the cache groups heads
-    return cache.scores(qg, t // cache.w - 1).flatten(0, 2)
+    return score_candidates(cache, qg, t // cache.w - 1).flatten(0, 2)
 
 
 def key_chunk_place(cache, q, t, key_tokens):

@@ -85,52 +85,55 @@ def chunk_summaries(q, k, v):
     q, k, v = (x.to(torch.promote_types(q.dtype, torch.float32)) for x in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1])
     inner = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # (B, Hkv, G, n, w, w)
-    s = (inner @ v).mean(dim=-2, keepdim=True)  # (B, Hkv, G, n, 1, D): the chunk's "query"
-    weights = torch.softmax(s @ k.transpose(-1, -2) * scale, dim=-1)  # (B, Hkv, G, n, 1, w)
+    chunk_query = (inner @ v).mean(dim=-2, keepdim=True)  # (B, Hkv, G, n, 1, D)
+    weights = torch.softmax(chunk_query @ k.transpose(-1, -2) * scale, dim=-1)  # (.., n, 1, w)
     return (weights @ k).squeeze(-2)  # (B, Hkv, G, n, D)
 
 
 def candidate_scores(q, summaries, keys, rope_w, select=SELECT):
-    """§2: how well chunks 1..g-1 suit raw queries q (B, Hkv, G, b, D): (B, Hkv, G, b, g - 1).
+    """§2: how well chunks 1..c-1 suit raw queries q (B, Hkv, G, b, D): (B, Hkv, G, b, c - 1).
 
-    "summary": q . summary key, summaries (B, Hkv, G, g, D) of chunks 0..g-1; q stays raw, as a
-    candidate's place is not known yet. "maxkey": the chunk's best key, keys (B, Hkv, g * w, D) at
-    chunk-local positions, q rotated to position w (rope_w: its cos and sin, each (D,)), so that
-    the distances are 1..w."""
-    g = summaries.shape[-2]
+    "summary": q . summary key, summaries (B, Hkv, G, c, D) of chunks 0..c-1; q stays raw, as a
+    candidate's place is not known yet, and unscaled, as only the order matters. "maxkey": the
+    chunk's best key, keys (B, Hkv, c * w, D) at chunk-local positions, q rotated to position w
+    (rope_w: its cos and sin, each (D,)), so that the distances are 1..w."""
+    c = summaries.shape[-2]
     if select == "summary":
-        return q.to(summaries.dtype) @ summaries[..., 1:, :].transpose(-1, -2)  # (.., b, g - 1)
+        return q.to(summaries.dtype) @ summaries[..., 1:, :].transpose(-1, -2)  # (.., b, c - 1)
     qw = apply_rope(q, *rope_w).to(summaries.dtype)  # (B, Hkv, G, b, D)
-    w = keys.shape[2] // g
-    k = keys[:, :, None, w:].to(summaries.dtype)  # (B, Hkv, 1, (g - 1) * w, D): chunks 1..g-1
-    per_key = (qw @ k.transpose(-1, -2)).unflatten(-1, (g - 1, w))  # (B, Hkv, G, b, g - 1, w)
-    return per_key.amax(-1)  # (B, Hkv, G, b, g - 1): the best key of each chunk
+    w = keys.shape[2] // c
+    k = keys[:, :, None, w:].to(summaries.dtype)  # (B, Hkv, 1, (c - 1) * w, D): chunks 1..c-1
+    per_key = (qw @ k.transpose(-1, -2)).unflatten(-1, (c - 1, w))  # (B, Hkv, G, b, c - 1, w)
+    return per_key.amax(-1)  # (B, Hkv, G, b, c - 1): the best key of each chunk
 
 
-def select_chunks(scores, chunks, num_chunks, layout=LAYOUT, local_chunks=LOCAL_CHUNKS):
+def select_chunks(scores, own, num_chunks, layout=LAYOUT, local_chunks=LOCAL_CHUNKS):
     """§2: the K chunks (..., b, K) each query reads, in rank order, given scores (..., b, c) of
-    candidates 1..c and chunks (b,), each query's own chunk g >= K: chunk 0, the best
+    candidates 1..c and own (b,), each query's own chunk g >= K: chunk 0, the best
     K - 1 - local_chunks of chunks 1..g-local_chunks (layout "position": in chunk order; "score":
     best last), then the newest local_chunks, up to g. No step waits for the GPU."""
     top = num_chunks - 1 - local_chunks  # the chunks chosen by score
     candidate = torch.arange(1, scores.shape[-1] + 1, device=scores.device)  # (c,): their ids
-    barred = candidate > chunks[:, None] - local_chunks  # (b, c): read anyway, or in the future
+    barred = candidate > own[:, None] - local_chunks  # (b, c): read anyway, or in the future
     scores = scores.masked_fill(barred, float("-inf"))
     # why not topk's indices: of equal scores (common in repeated text) the earlier must win
-    kth = scores.topk(top, dim=-1).values[..., -1:] if top else float("inf")  # (..., b, 1)
+    # (..., b, 1); why inf when top is 0: then no candidate is kept
+    kth = scores.topk(top, dim=-1).values[..., -1:] if top else float("inf")
     above, tied = scores > kth, scores == kth  # (..., b, c) each
     room = top - above.sum(-1, keepdim=True)  # (..., b, 1): places left for the tied ones
     keep = above | (tied & (tied.cumsum(-1) <= room))  # (..., b, c): exactly top per row
     # why a stable sort, not keep as a mask: the kept come first in chunk order, and the shape is
     # known in advance (a boolean mask would make the GPU report a count to the host)
+    # (..., b, top); byte: a sort takes no bools on every device
     kept = keep.byte().sort(dim=-1, descending=True, stable=True).indices[..., :top]
     best = kept + 1  # (..., b, top): candidate ids, in chunk order
     if layout == "score":  # best last; of equal scores, the earlier chunk nearer the end
         newest_first = best.flip(-1)
+        # (..., b, top): candidate j's score is column j - 1
         by_score = scores.gather(-1, newest_first - 1).sort(dim=-1, stable=True).indices
         best = newest_first.gather(-1, by_score)  # (..., b, top): ascending score
-    back = torch.arange(local_chunks - 1, -1, -1, device=chunks.device)  # (local_chunks,)
-    newest = (chunks[:, None] - back).expand(*best.shape[:-1], local_chunks)  # (.., b, local)
+    back = torch.arange(local_chunks - 1, -1, -1, device=own.device)  # (local_chunks,)
+    newest = (own[:, None] - back).expand(*best.shape[:-1], local_chunks)  # (.., b, local)
     return torch.cat([torch.zeros_like(newest[..., :1]), best, newest], dim=-1)  # (..., b, K)
 
 
@@ -170,9 +173,9 @@ def longheads_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
             rope_w = cos[w], sin[w]  # (D,) each: position w
             scores = candidate_scores(qc[..., g, :, :], summaries[..., :g, :], keys, rope_w,
                                       select)  # (B, Hkv, G, w, g - 1)
-            chunks = torch.full((w,), g, device=dev)  # (w,): every query's own chunk
-            ids = select_chunks(scores, chunks, K, layout, local_chunks)  # (B, Hkv, G, w, K)
-        out.append(attend_picks(qc[..., g, :, :], ids, g, kc, vc, cos, sin))
+            own = torch.full((w,), g, device=dev)  # (w,): every query's own chunk
+            ids = select_chunks(scores, own, K, layout, local_chunks)  # (B, Hkv, G, w, K)
+        out.append(attend_picks(qc[..., g, :, :], ids, g, kc, vc, cos, sin))  # (B, Hkv, G, w, D)
     out = torch.stack(out, -3)  # (B, Hkv, G, n, w, D)
     return out.view(B, H, n * w, D)[:, :, :T].to(q.dtype)  # (B, H, T, D)
 
@@ -184,11 +187,11 @@ def union_of(ids, g):
     picked = torch.zeros(*ids.shape[:3], g + 1, dtype=torch.bool, device=ids.device)
     # ids below 0 count as chunk 0, which every query picks anyway
     picked.scatter_(-1, ids.clamp(min=0).flatten(-2), True)  # (B, Hkv, G, g + 1)
-    U = int(picked.sum(-1).max())
-    newest_first = picked.flip(-1)  # (B, Hkv, G, g + 1): entry i is chunk g - i
+    U = int(picked.sum(-1).max())  # a wait for the GPU: fine here, the fast path has none
+    picked_newest_first = picked.flip(-1)  # (B, Hkv, G, g + 1): entry i is chunk g - i
     # why a stable sort: it puts the picked chunks first and keeps them newest first
-    slots = newest_first.sort(dim=-1, descending=True, stable=True).indices[..., :U]
-    return g - slots  # (B, Hkv, G, U): chunk ids
+    back = picked_newest_first.sort(dim=-1, descending=True, stable=True).indices[..., :U]
+    return g - back  # (B, Hkv, G, U): chunk ids
 
 
 def attend_picks(q, ids, g, kc, vc, cos, sin):
@@ -279,9 +282,9 @@ def reference_summary(q, k, v, cos, sin):
     """§1 for one chunk and head: q, k, v (w, D) -> summary key (D,)."""
     w, D = q.shape
     qt, kt = apply_rope(q, cos[:w], sin[:w]), apply_rope(k, cos[:w], sin[:w])
-    o = torch.softmax(qt @ kt.T / math.sqrt(D), dim=-1) @ v  # (w, D), no causal mask
-    s = o.mean(dim=0)  # (D,)
-    return torch.softmax(kt @ s / math.sqrt(D), dim=0) @ kt  # (D,)
+    out = torch.softmax(qt @ kt.T / math.sqrt(D), dim=-1) @ v  # (w, D), no causal mask
+    chunk_query = out.mean(dim=0)  # (D,)
+    return torch.softmax(kt @ chunk_query / math.sqrt(D), dim=0) @ kt  # (D,)
 
 
 def reference_score(q, j, summaries, k, w, cos, sin, select="summary"):
@@ -303,14 +306,15 @@ def reference_selection(scores, g, K, layout=LAYOUT, local_chunks=LOCAL_CHUNKS):
 
 
 def reference_query(q, k, v, t, chunks, w, cos, sin):
-    """§3 for query t: chunk of rank r gets positions r*w.., the query (K'-1)*w + t mod w."""
+    """§3 for query t reading chunks (K' = len(chunks): K, or g + 1 in the first K chunks): the
+    chunk of rank r gets positions r*w.., the query (K' - 1)*w + t mod w."""
     keys, values, positions = [], [], []
     for r, j in enumerate(chunks):
         u = torch.arange(j * w, min((j + 1) * w, t + 1))  # causal in the own chunk, self included
         keys.append(k[u]), values.append(v[u]), positions.append(r * w + u - j * w)
-    pos = torch.cat(positions)
+    k_pos = torch.cat(positions)  # (n_keys,)
     q_pos = (len(chunks) - 1) * w + t % w
-    kr = apply_rope(torch.cat(keys), cos[pos], sin[pos])  # (n_keys, D)
+    kr = apply_rope(torch.cat(keys), cos[k_pos], sin[k_pos])  # (n_keys, D)
     qr = apply_rope(q, cos[q_pos], sin[q_pos])  # (D,)
     att = torch.softmax(kr @ qr / math.sqrt(q.shape[-1]), dim=0)  # (n_keys,)
     return att @ torch.cat(values)

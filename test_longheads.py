@@ -10,6 +10,7 @@ Both fast paths, the short longheads_attention and the tiled LongHeadsCache, are
 Then: our Llama == transformers.LlamaForCausalLM on checkpoints transformers saves, and bad
 checkpoints are one clear error each.
 """
+import ast
 import doctest
 import inspect
 import json
@@ -166,6 +167,16 @@ def test_the_copyable_section_runs_alone_and_equals_the_reference():
                                    longheads_reference(q, k, v, **opts))
 
 
+def test_the_method_imports_nothing_from_the_fast_path():
+    """longheads.py needs math and torch only; tiled.py builds on it, never the other way."""
+    tree = ast.parse(inspect.getsource(longheads))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom)}
+    assert imported == {"math", "torch"}, imported
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_attention_lse_equals_the_plain_one(dtype):
     """The CPU's fused kernel (a private op) against the computation written out, with a mask
@@ -230,7 +241,7 @@ def test_selections_obey_the_rule(problem):
     summaries = cache.summaries.flatten(1, 2)  # (B, H, n, D)
     t = torch.arange(K * w, T)  # every query past the first K chunks
     qg = q[:, :, K * w:].unflatten(1, (k.shape[1], -1))  # (B, Hkv, G, b, D)
-    scores = cache.scores(qg, (T - 1) // w - 1).flatten(1, 2)  # (B, H, b, n - 1)
+    scores = tiled.score_candidates(cache, qg, (T - 1) // w - 1).flatten(1, 2)  # (B, H, b, n - 1)
     local = opts["local_chunks"]
     ids = select_chunks(scores, t // w, K, opts["layout"], local)  # (B, H, b, K)
     cos, sin = rope_table(None, opts["rope_theta"], D, T, q.device, q.dtype)

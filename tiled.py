@@ -72,7 +72,7 @@ class LongHeadsCache(torch.nn.Module):
                                                            num_chunks, self.cuda_layout)
         self.max_len, self.length = max_len, 0
         n = -(-max_len // chunk_size)  # chunks, the last one possibly partial
-        near = min(num_chunks * chunk_size, max_len)  # tokens in the first K chunks
+        near_end = min(num_chunks * chunk_size, max_len)  # the first K chunks' tokens end here
         self.kv = ChunkedKV(batch, num_kv_heads, n * chunk_size, head_dim, chunk_size, dtype,
                             device, offload)
         wide = torch.promote_types(dtype, torch.float32)  # summaries and scores: float32 or wider
@@ -83,9 +83,10 @@ class LongHeadsCache(torch.nn.Module):
             q_tail=torch.zeros(batch, num_kv_heads, self.G, chunk_size, head_dim, dtype=dtype,
                                device=device),
             # the first K chunks' keys also at their true positions: their queries read them so
-            k_true=torch.zeros(batch, num_kv_heads, near, head_dim, dtype=dtype, device=device))
-        # (near, D) each: every position a query or a key can get
-        cos, sin = rope_table(rope, rope_theta, head_dim, near, device, dtype)
+            k_true=torch.zeros(batch, num_kv_heads, near_end, head_dim, dtype=dtype,
+                               device=device))
+        # (near_end, D) each: every position a query or a key can get
+        cos, sin = rope_table(rope, rope_theta, head_dim, near_end, device, dtype)
         for name, x in dict(buffers, cos=cos, sin=sin).items():
             self.register_buffer(name, x, persistent=False)
 
@@ -97,11 +98,11 @@ class LongHeadsCache(torch.nn.Module):
         qg = q.reshape(B, -1, self.G, T, D)  # (B, Hkv, G, T, D): head h reads kv head h // G
         self._store(qg, k, v)
         out = q.new_empty(B, H, T, D)
-        near = min(T, max(0, self.K * self.w - start))  # queries in the first K chunks
-        if near:
-            out[:, :, :near] = self._attend_all(q[:, :, :near], start)
+        n_near = min(T, max(0, self.K * self.w - start))  # queries in the first K chunks
+        if n_near:
+            out[:, :, :n_near] = self._attend_all(q[:, :, :n_near], start)
         outg = out.view(B, -1, self.G, T, D)  # (B, Hkv, G, T, D)
-        for s in range(start + near, start + T, self.block_size):
+        for s in range(start + n_near, start + T, self.block_size):
             e = min(start + T, s + self.block_size)
             q_block = qg[..., s - start:e - start, :]  # (B, Hkv, G, e - s, D)
             outg[..., s - start:e - start, :] = attend_block(self, q_block, s, e)
@@ -111,7 +112,7 @@ class LongHeadsCache(torch.nn.Module):
     def _attend_all(self, q, s):
         """§2, g < K: queries s.. (B, H, b, D) read every chunk at true positions: causal."""
         e = s + q.shape[2]
-        v = self.kv.span(0, e, keys=False)[0]  # (B, Hkv, e, D)
+        v = self.kv.span(0, e, with_keys=False)[0]  # (B, Hkv, e, D)
         q = apply_rope(q, self.cos[s:e], self.sin[s:e])  # (B, H, b, D)
         return causal_attention(q, self.k_true[:, :, :e], v, cuda_layout=self.cuda_layout)
 
@@ -119,12 +120,13 @@ class LongHeadsCache(torch.nn.Module):
         """Write keys (rotated) and values; summarise every chunk these tokens complete."""
         start, T, w = self.length, q.shape[-2], self.w
         offsets = torch.arange(start, start + T, device=k.device) % w
-        self.kv.write(start, apply_rope(k, self.cos[offsets], self.sin[offsets]), v)
+        cos, sin = self.cos[offsets], self.sin[offsets]  # (T, D) each
+        self.kv.write(start, apply_rope(k, cos, sin), v)
         self.length = start + T
-        near = min(start + T, self.k_true.shape[2])  # tokens start..near-1: in the first K chunks
-        if start < near:
-            cos, sin = self.cos[start:near], self.sin[start:near]  # their true positions
-            self.k_true[:, :, start:near] = apply_rope(k[:, :, :near - start], cos, sin)
+        near_end = min(start + T, self.k_true.shape[2])  # start..near_end-1: the first K chunks
+        if start < near_end:
+            cos, sin = self.cos[start:near_end], self.sin[start:near_end]  # true positions
+            self.k_true[:, :, start:near_end] = apply_rope(k[:, :, :near_end - start], cos, sin)
         # why: a chunk's summary needs the queries of all its tokens, some of which came earlier
         tail = start % w
         if tail:
@@ -134,6 +136,7 @@ class LongHeadsCache(torch.nn.Module):
         for c in range(first, done, step):
             self._summarise(q[..., (c - first) * w:(min(c + step, done) - first) * w, :], c)
         left = (start + T) % w
+        # why not q[..., -left:, :]: left may be 0, and -0 takes everything
         self.q_tail[..., :left, :] = q[..., q.shape[-2] - left:, :]
 
     def _summarise(self, q, first):
@@ -144,14 +147,6 @@ class LongHeadsCache(torch.nn.Module):
         q = apply_rope(q, self.cos[:w], self.sin[:w])  # (B, Hkv, G, n, w, D)
         k, v = (x.view(B, Hkv, 1, n, w, D) for x in self.kv.span(first * w, (first + n) * w))
         self.summaries[:, :, :, first:first + n] = chunk_summaries(q, k, v)
-
-    def scores(self, q, g):
-        """candidate_scores of chunks 1..g-1 for raw queries q (B, Hkv, G, b, D)."""
-        if self.local_chunks == self.K - 1:  # a window: no candidates to score
-            return q.new_zeros(*q.shape[:-1], g - 1)
-        keys = self.kv.k[:, :, :g * self.w].to(q.device) if self.select == "maxkey" else None
-        rope_w = self.cos[self.w], self.sin[self.w]
-        return candidate_scores(q, self.summaries[:, :, :, :g], keys, rope_w, self.select)
 
 
 class ChunkedKV(torch.nn.Module):
@@ -174,9 +169,10 @@ class ChunkedKV(torch.nn.Module):
         self.k[:, :, start:start + k.shape[2]] = k
         self.v[:, :, start:start + v.shape[2]] = v
 
-    def span(self, s, e, keys=True):
-        """Keys (if keys) and values of tokens s..e-1, on the compute device: (B, Hkv, e - s, D)."""
-        names = ("k", "v") if keys else ("v",)
+    def span(self, s, e, with_keys=True):
+        """Keys (with_keys) and values of tokens s..e-1, on the compute device: (B, Hkv, e - s, D)
+        each."""
+        names = ("k", "v") if with_keys else ("v",)
         if not self.offload:
             return tuple(getattr(self, name)[:, :, s:e] for name in names)
         # why the staging buffer: a slice of several heads is not contiguous, and a copy to the
@@ -192,6 +188,7 @@ class ChunkedKV(torch.nn.Module):
         shape = (len(rows), self.chunk_size, self.k.shape[-1])
         if self.offload:
             rows = rows.cpu()  # why: the CPU must know what to send; offloading's wait a block
+        # (B * Hkv * n, w, D) -> (len(rows), w, D) each
         gathered = [torch.index_select(x.view(-1, *shape[1:]), 0, rows,
                                        out=self._stage(name, shape, x))
                     for name, x in [("k", self.k), ("v", self.v)]]
@@ -225,11 +222,10 @@ def default_block_size(query_heads, chunk_size, num_chunks, cuda_layout=False):
     of queries, so that the fixed cost of a block (selection, layout, some 200 small operations)
     is shared by more queries. A GPU has the memory for larger blocks, and each block costs it
     some 200 kernel launches: there, CUDA_BLOCK_SCORES and CUDA_BLOCK_QUERIES."""
-    scores, queries = (CUDA_BLOCK_SCORES, CUDA_BLOCK_QUERIES) if cuda_layout else (
+    budget, cap = (CUDA_BLOCK_SCORES, CUDA_BLOCK_QUERIES) if cuda_layout else (
         BLOCK_SCORES, BLOCK_QUERIES)
     per_query = query_heads * num_chunks * chunk_size  # scores of one query, every head
-    most = max(chunk_size, queries)
-    return max(1, min(most, scores // per_query))
+    return max(1, min(max(chunk_size, cap), budget // per_query))
 
 
 # ----------------------------------------------------------------------------- one block
@@ -245,7 +241,7 @@ def attend_block(cache, q, s, e):
     w, K, dev = cache.w, cache.K, q.device
     t = torch.arange(s, e, device=dev)  # (b,) the queries' positions in the sequence
     m = (e - 1) // w + 1  # chunks up to the block's last query
-    scores = cache.scores(q, m - 2)  # (B, Hkv, G, b, m - 3): candidates end 2 before the own
+    scores = score_candidates(cache, q, m - 2)  # (B, Hkv, G, b, m - 3): up to 2 before the own
     ids = select_chunks(scores, t // w, K, cache.layout, cache.local_chunks)  # (B, Hkv, G, b, K)
     # §3: rank r is read from (K - 1 - r) * w + o, whichever chunk it is: the query moves;
     # why the tables, not q, are scaled: they are (b, K, D), the rotated queries K times more
@@ -263,13 +259,22 @@ def attend_block(cache, q, s, e):
     whole = not cache.cuda_layout and most > size
     bound = most if cache.cuda_layout else None  # CUDA: the tile count from a bound, no wait
     place, row_groups = pack(bucket, size, B * Hkv * m, whole=whole, most=bound)  # (P,), rows
-    slots = sum(len(row_bucket) * length for row_bucket, length in row_groups)
-    q_rows = qr.new_zeros(slots, D).index_copy_(0, place, qr.reshape(-1, D))  # (slots, D)
-    out, lse = read_rows(cache, q_rows, row_groups, m)  # (slots, D), (slots,)
-    # back from the rows to (query, rank): (B, Hkv, G, b, K - 1, D) and (..., K - 1)
+    n_slots = sum(len(row_bucket) * length for row_bucket, length in row_groups)
+    q_rows = qr.new_zeros(n_slots, D).index_copy_(0, place, qr.reshape(-1, D))  # (n_slots, D)
+    out, lse = read_rows(cache, q_rows, row_groups, m)  # (n_slots, D), (n_slots,)
+    # back from the rows to the pairs: (P, D) and (P,), viewed as (B, Hkv, G, b, K - 1, ...)
     out, lse = out.index_select(0, place), lse.index_select(0, place)
     own_out, own_lse = own_chunk(cache, apply_rope(q, cos[:, -1], sin[:, -1]), s, e)
     return merge(out.view(*qr.shape), lse.view(qr.shape[:-1]), own_out, own_lse).to(q.dtype)
+
+
+def score_candidates(cache, q, c):
+    """candidate_scores of chunks 1..c-1 for raw queries q (B, Hkv, G, b, D), from the cache."""
+    if cache.local_chunks == cache.K - 1:  # a window: no candidates to score
+        return q.new_zeros(*q.shape[:-1], c - 1)
+    keys = cache.kv.k[:, :, :c * cache.w] if cache.select == "maxkey" else None  # (.., c*w, D)
+    rope_w = cache.cos[cache.w], cache.sin[cache.w]
+    return candidate_scores(q, cache.summaries[:, :, :, :c], keys, rope_w, cache.select)
 
 
 def read_rows(cache, q_rows, row_groups, m):
@@ -279,8 +284,8 @@ def read_rows(cache, q_rows, row_groups, m):
     chunks_per_head, D = cache.kv.k.shape[2] // cache.w, q_rows.shape[-1]
     out, lse, first = [], [], 0
     for row_bucket, length in row_groups:
-        rows = row_bucket // m * chunks_per_head + row_bucket % m  # (n_rows,): k.view(-1, w, D)
-        k_rows, v_rows = cache.kv.chunks(rows)  # (n_rows, w, D) each: one read of a chunk
+        kv_rows = row_bucket // m * chunks_per_head + row_bucket % m  # (n_rows,): k.view(-1, w, D)
+        k_rows, v_rows = cache.kv.chunks(kv_rows)  # (n_rows, w, D) each: one read of a chunk
         last = first + len(row_bucket) * length
         q_piece = q_rows[first:last].view(-1, length, D)  # (n_rows, length, D)
         piece_out, piece_lse = attention_lse(q_piece, k_rows, v_rows, fused=not cache.cuda_layout)
@@ -301,9 +306,11 @@ def own_chunk(cache, q, s, e):
     t, u = torch.arange(s, e, device=q.device), torch.arange(lo, e, device=q.device)
     k, v = cache.kv.span(lo, e)  # (B, Hkv, e - lo, D) each
     mine = (u // w == t[:, None] // w) & (u <= t[:, None])  # (b, e - lo)
-    # the G query heads of a key/value head share its keys: one (G * b)-query problem each
-    out, lse = attention_lse(q.reshape(B * Hkv, G * b, D), k.flatten(0, 1), v.flatten(0, 1),
-                             mine.repeat(G, 1), fused=not cache.cuda_layout)
+    # the G query heads of a key/value head share its keys: one (G * b)-query problem each;
+    # why repeat, not repeat_interleave: after the reshape a head's b queries are contiguous
+    q = q.reshape(B * Hkv, G * b, D)  # (B * Hkv, G * b, D)
+    out, lse = attention_lse(q, k.flatten(0, 1), v.flatten(0, 1), mine.repeat(G, 1),
+                             fused=not cache.cuda_layout)  # mask (G * b, e - lo)
     # out (B * Hkv, G * b, D), lse (B * Hkv, G * b)
     return out.view(B, Hkv, G, b, D), lse.view(B, Hkv, G, b)
 
@@ -357,16 +364,17 @@ def causal_attention(q, k, v, cuda_layout=None):
 def attention_lse(q, k, v, mask=None, fused=True):
     """Attention of one piece of keys, and its log-sum-exp, so that pieces merge later.
 
-    q (N, L, D), already scaled; k, v (N, S, D); mask (L, S), True where a query may look, or
-    None. Returns softmax(q k^T) v (N, L, D) and logsumexp(q k^T) (N, L), float32 or wider.
+    q (N, Q, D), already scaled; k, v (N, S, D); mask (Q, S), True where a query may look, or
+    None. Returns softmax(q k^T) v (N, Q, D) and logsumexp(q k^T) (N, Q), float32 or wider.
     On the CPU (and fused), one fused kernel; else the plain computation, also its reference.
     """
     wide = torch.promote_types(q.dtype, torch.float32)
     if fused and q.device.type == "cpu" and FUSED_CPU is not None:
         bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(
-            ~mask, float("-inf"))  # (L, S): the kernel takes an additive mask of q's dtype
+            ~mask, float("-inf"))  # (Q, S): the kernel takes an additive mask of q's dtype
+        # one head each: (N, 1, Q, D) against (N, 1, S, D)
         out, lse = FUSED_CPU(q[:, None], k[:, None], v[:, None], attn_mask=bias, scale=1.0)
-        return out[:, 0].to(wide), lse[:, 0].to(wide)  # (N, L, D), (N, L)
+        return out[:, 0].to(wide), lse[:, 0].to(wide)  # (N, Q, D), (N, Q)
     return attention_lse_plain(q, k, v, mask)
 
 
@@ -375,11 +383,11 @@ def attention_lse_plain(q, k, v, mask=None):
     wide = torch.promote_types(q.dtype, torch.float32)
     # why wide before the product: bfloat16 logits lose ~0.1 nats at a logit spread of 4, and
     # SDPA, what LongHeads is compared with, keeps its scores in float32
-    logits = q.to(wide) @ k.to(wide).transpose(-1, -2)  # (N, L, S)
+    logits = q.to(wide) @ k.to(wide).transpose(-1, -2)  # (N, Q, S)
     if mask is not None:
         logits.masked_fill_(~mask, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)  # (N, L)
-    return (logits.sub_(lse[..., None]).exp_() @ v.to(wide)), lse  # (N, L, D), (N, L)
+    lse = torch.logsumexp(logits, dim=-1)  # (N, Q)
+    return (logits.sub_(lse[..., None]).exp_() @ v.to(wide)), lse  # (N, Q, D), (N, Q)
 
 
 def merge(out, lse, one, one_lse):
@@ -388,6 +396,7 @@ def merge(out, lse, one, one_lse):
     mass."""
     weight = torch.softmax(torch.cat([lse, one_lse[..., None]], -1), dim=-1)  # (..., pieces + 1)
     # why a matmul: it reads the pieces once, where `(weight * out).sum()` writes them again
+    # (..., 1, pieces) @ (..., pieces, D) -> (..., D)
     return (weight[..., None, :-1] @ out).squeeze(-2) + weight[..., -1:] * one
 
 
@@ -401,14 +410,15 @@ def pack(bucket, size, num_buckets, whole=True, most=None):
     Returns place (P,): each item's index in the rows laid end to end, and the rows as groups
     [(bucket (n,), length)]: n rows of that length and buckets, in order, one group per length.
     """
-    ones = torch.ones_like(bucket)
+    ones = torch.ones_like(bucket)  # (P,)
     count = torch.zeros(num_buckets, dtype=torch.long, device=bucket.device)
     count.index_add_(0, bucket, ones)  # (num_buckets,): items per bucket
     tiles = (count + size - 1) // size  # (num_buckets,): rows of size per bucket
     order = bucket.argsort(stable=True)  # (P,): items grouped by bucket
-    place = torch.empty_like(bucket)  # (P,): an item's place among the items of its bucket
+    rank_in_bucket = torch.empty_like(bucket)  # (P,): an item's place among its bucket's items
     first_item = count.cumsum(0) - count  # (num_buckets,)
-    place[order] = torch.arange(len(bucket), device=bucket.device) - first_item[bucket[order]]
+    rank_in_bucket[order] = (torch.arange(len(bucket), device=bucket.device)
+                             - first_item[bucket[order]])
     if whole:
         length = tiles * size  # (num_buckets,): each bucket's row, 0 where it has no items
         by_length = length.argsort(stable=True)  # (num_buckets,): rows of a length together
@@ -419,9 +429,10 @@ def pack(bucket, size, num_buckets, whole=True, most=None):
         ends = counts.cumsum(0)
         row_groups = [(by_length[end - c:end], L) for L, c, end in
                       zip(lengths.tolist(), counts.tolist(), ends.tolist()) if L]
-        return start[bucket] + place, row_groups
+        return start[bucket] + rank_in_bucket, row_groups
     first_tile = tiles.cumsum(0) - tiles  # (num_buckets,)
-    tile, slot = first_tile[bucket] + place // size, place % size  # (P,) each
+    tile = first_tile[bucket] + rank_in_bucket // size  # (P,)
+    slot = rank_in_bucket % size  # (P,)
     n_tiles = int(tiles.sum()) if most is None else tile_bound(len(bucket), size, num_buckets,
                                                                most)
     tile_bucket = torch.zeros(n_tiles, dtype=torch.long, device=bucket.device)
@@ -467,10 +478,12 @@ def check_inputs(q, k, v, cache=None):
         raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, "
                          f"{v.dtype}")
     if cache is not None:
-        B, Hkv, n_tok, D = cache.kv.k.shape
-        if (k.shape[0], k.shape[1], k.shape[3]) != (B, Hkv, D) or q.shape[1] != Hkv * cache.G:
-            raise ValueError(f"the cache holds B={B}, H={Hkv * cache.G}, Hkv={Hkv}, D={D}; "
-                             f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        cache_B, cache_Hkv, _, cache_D = cache.kv.k.shape
+        if (k.shape[0], k.shape[1], k.shape[3]) != (cache_B, cache_Hkv, cache_D) \
+                or q.shape[1] != cache_Hkv * cache.G:
+            raise ValueError(f"the cache holds B={cache_B}, H={cache_Hkv * cache.G}, "
+                             f"Hkv={cache_Hkv}, D={cache_D}; got q {tuple(q.shape)}, "
+                             f"k {tuple(k.shape)}")
         if cache.length + q.shape[2] > cache.max_len:
             raise ValueError(f"the cache holds max_len={cache.max_len} tokens; it has "
                              f"{cache.length} and got {q.shape[2]} more: make it larger")
