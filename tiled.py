@@ -100,7 +100,7 @@ class LongHeadsCache(torch.nn.Module):
         out = q.new_empty(B, H, T, D)
         n_near = min(T, max(0, self.K * self.w - start))  # queries in the first K chunks
         if n_near:
-            out[:, :, :n_near] = self._attend_all(q[:, :, :n_near], start)
+            out[:, :, :n_near] = attend_first_chunks(self, q[:, :, :n_near], start)
         outg = out.view(B, -1, self.G, T, D)  # (B, Hkv, G, T, D)
         for s in range(start + n_near, start + T, self.block_size):
             e = min(start + T, s + self.block_size)
@@ -108,13 +108,6 @@ class LongHeadsCache(torch.nn.Module):
             outg[..., s - start:e - start, :] = attend_block(self, q_block, s, e)
         self.kv.scratch.clear()  # the working memory of one call, not of every layer's cache
         return out
-
-    def _attend_all(self, q, s):
-        """§2, g < K: queries s.. (B, H, b, D) read every chunk at true positions: causal."""
-        e = s + q.shape[2]
-        v = self.kv.span(0, e, with_keys=False)[0]  # (B, Hkv, e, D)
-        q = apply_rope(q, self.cos[s:e], self.sin[s:e])  # (B, H, b, D)
-        return causal_attention(q, self.k_true[:, :, :e], v, cuda_layout=self.cuda_layout)
 
     def _store(self, q, k, v):
         """Write keys (rotated) and values; summarise every chunk these tokens complete."""
@@ -129,6 +122,9 @@ class LongHeadsCache(torch.nn.Module):
             self.k_true[:, :, start:near_end] = apply_rope(k[:, :, :near_end - start], cos, sin)
         # why: a chunk's summary needs the queries of all its tokens, some of which came earlier
         tail = start % w
+        if tail + T < w:  # no chunk completes (a decoding step, mostly): just keep the queries
+            self.q_tail[..., tail:tail + T, :] = q
+            return
         if tail:
             q = torch.cat([self.q_tail[..., :tail, :], q], dim=-2)  # (B, Hkv, G, tail + T, D)
         first, done = start // w, (start + T) // w  # chunks first..done-1 complete now
@@ -229,6 +225,15 @@ def default_block_size(query_heads, chunk_size, num_chunks, cuda_layout=False):
 
 
 # ----------------------------------------------------------------------------- one block
+
+def attend_first_chunks(cache, q, s):
+    """§2, g < K: queries s.. (B, H, b, D) read every chunk at true positions: causal attention
+    over the first K chunks' keys, which the cache also keeps at their true positions."""
+    e = s + q.shape[2]
+    v = cache.kv.span(0, e, with_keys=False)[0]  # (B, Hkv, e, D)
+    q = apply_rope(q, cache.cos[s:e], cache.sin[s:e])  # (B, H, b, D)
+    return causal_attention(q, cache.k_true[:, :, :e], v, cuda_layout=cache.cuda_layout)
+
 
 def attend_block(cache, q, s, e):
     """Queries s..e-1, all past the first K chunks, q: (B, Hkv, G, b, D) -> their outputs.
