@@ -421,7 +421,7 @@ def check_args(p, args):
     lengths = args.lengths + args.decode_lengths + args.attention_lengths
     if min(lengths, default=1) < 1 or args.repeat < 1:
         p.error("lengths and --repeat must be positive")
-    if min(args.timeout or 1, args.deadline or 1) <= 0:
+    if any(x is not None and x <= 0 for x in (args.timeout, args.deadline)):
         p.error("--timeout and --deadline must be positive seconds")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available here; use --device cpu")
