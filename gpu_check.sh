@@ -8,7 +8,7 @@
 #
 # Everything goes to $OUT (default: $TMPDIR/gpu_check) the moment it exists: tests.log as the
 # tests print, bench.jsonl one record per finished measurement, bench.log. A run killed at any
-# point keeps what it finished. Every step has its own time limit: 150 s of tests, then 300 s
+# point keeps what it finished. Every step has its own time limit: 150 s of tests, then 280 s
 # of bench (each measurement at most 120 s, none started past the bench's deadline).
 # No weights travel to the GPU machine: bench.py uses random weights of the 7B shape (same cost),
 # and the tests that need the downloaded default model skip (LONGHEADS_OFFLINE=1).
@@ -23,7 +23,7 @@ if [ "${1:-}" = "--dry-run" ]; then
   tests_s=150 bench_s=150 one_s=60 examples=5
 else
   device=cuda shape=llama2-7b lengths="8192 32768 131072" full_max=32768 decode="4096 32768"
-  tests_s=150 bench_s=300 one_s=120 examples=50
+  tests_s=150 bench_s=280 one_s=120 examples=50
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"

@@ -31,3 +31,13 @@ def test_the_dry_run_streams_records_and_a_kill_keeps_them(tmp_path):
     assert len(kept) >= 2 and kept[0]["kind"] == "prefill" and "seconds" in kept[0]
     assert "passed" in (tmp_path / "tests.log").read_text()  # the tests' log came first
     assert not (tmp_path / "bench.json").exists()  # the summary is written at the end only
+
+
+def test_bench_refuses_a_time_limit_that_is_not_positive(capsys):
+    import pytest
+    import bench
+    for flag in ("--timeout", "--deadline"):
+        with pytest.raises(SystemExit) as stop:
+            bench.parse_args([flag, "0"])
+        assert stop.value.code == 2
+        assert "must be positive seconds" in capsys.readouterr().err
