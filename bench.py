@@ -267,10 +267,10 @@ def read_child(args, done, record):
 
 def time_for_one(args):
     """Seconds the next measurement may take: --timeout, and no further than --deadline."""
-    limit = args.timeout or float("inf")
-    if args.deadline:
-        limit = min(limit, args.deadline - (time.perf_counter() - args.started))
-    return limit if limit != float("inf") else None
+    if args.deadline is None:
+        return args.timeout  # None: no limit
+    left = args.deadline - (time.perf_counter() - args.started)
+    return left if args.timeout is None else min(args.timeout, left)
 
 
 def passthrough(args, setting):

@@ -346,7 +346,8 @@ def causal_attention(q, k, v, cuda_layout=None):
     T, S = q.shape[2], k.shape[2]
     if T in (1, S):  # one new token sees every key; a whole sequence is SDPA's own causal case
         return SDPA(q, k, v, is_causal=T > 1, enable_gqa=True)
-    if q.is_cuda if cuda_layout is None else cuda_layout:
+    on_gpu = q.is_cuda if cuda_layout is None else cuda_layout
+    if on_gpu:
         # why: a lower-right causal bias runs the fused GPU kernels with no mask in memory; the
         # memory-efficient one takes no grouped heads, so keys and values go to every head
         G = q.shape[1] // k.shape[1]
