@@ -86,9 +86,9 @@ def prompt(path, model, length):
     if path is None:
         gen = torch.Generator().manual_seed(0)
         return torch.randint(model.config.vocab_size, (1, length), generator=gen)
-    from passkey import build_prompt
+    from passkey import Needle, build_prompt
     from tokenizer import Tokenizer
-    return torch.tensor([build_prompt(Tokenizer(path), length, 0.5, 61128)])
+    return torch.tensor([build_prompt(Tokenizer(path), length, [Needle(0.5, 61128)])])
 
 
 @torch.no_grad()

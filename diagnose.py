@@ -8,6 +8,9 @@ every layer, over the query heads:
   place    where the key chunk stands among the candidates by score (the select rule; 1 = best,
            median over heads; "-" when the key sits in a chunk every query reads anyway)
   mass     the attention the final query puts on the key's digits (mean and best head)
+  rank     with --distractors: where the key's chunk stands in the view (median over heads;
+           K - 1 is the query's own chunk); picked*, mass* and rank* the same for the
+           distractors' keys: does the wrong key win by being read, by weight, or by place?
 the chunks that fill the scored slots most often over all layers and heads (are the winners
 the same few filler chunks everywhere?), and the model's top-5 next tokens. Then the same for
 full attention on the same key at a length where full attention still works (half the trained
@@ -25,28 +28,43 @@ from tiled import LongHeadsCache, score_candidates
 
 @torch.no_grad()
 def diagnose(model, tok, ids, key_tokens, contrast_ids, contrast_key_tokens, plot_file=None):
-    """Print the table for one prompt (LongHeads) and for a shorter one (full attention)."""
+    """Print the table for one prompt (LongHeads) and for a shorter one (full attention).
+    key_tokens: the digit positions of each key, the asked one's first, then the distractors'."""
     runs = [("longheads", ids, key_tokens), ("full", contrast_ids, contrast_key_tokens)]
-    for name, prompt, where in runs:
+    for name, prompt, keys in runs:
         model.attention = name
-        rows, picks, top5 = inspect(model, prompt, where)
+        rows, picks, top5 = inspect(model, prompt, keys)
+        asked, others = keys[0], [u for k in keys[1:] for u in k]
         print(f"\n{name} attention, {prompt.shape[1]} tokens, "
-              f"key digits at {where[0]}..{where[-1]}")
-        print(f"{'layer':>5}  {'picked':>7}  {'place':>5}  {'mass mean':>9}  {'mass best':>9}")
-        for layer, (picked, place, mass) in enumerate(rows):
-            print(f"{layer:>5}  {picked:>7}  {place:>5}  {mass.mean():>9.3f}  {mass.max():>9.3f}")
+              f"key digits at {asked[0]}..{asked[-1]}"
+              + (f", distractors' at {', '.join(f'{k[0]}..{k[-1]}' for k in keys[1:])}"
+                 if others else ""))
+        print(f"{'layer':>5}  {'picked':>7}  {'place':>5}  {'mass mean':>9}  {'mass best':>9}"
+              + (f"  {'rank':>4}  {'picked*':>7}  {'mass* mean':>10}  {'rank*':>5}"
+                 if others else ""))
+        for layer, (asked_row, other_row) in enumerate(rows):
+            picked, place, mass, rank = asked_row
+            line = f"{layer:>5}  {picked:>7}  {place:>5}  {mass.mean():>9.3f}  {mass.max():>9.3f}"
+            if others:
+                picked, _, mass, other_rank = other_row
+                line += f"  {rank:>4}  {picked:>7}  {mass.mean():>10.3f}  {other_rank:>5}"
+            print(line)
+        if others:
+            print("*: the distractors' keys; rank: the median rank, over the heads that read "
+                  "it, of the key's chunk in the view (rank K - 1 is the query's own chunk)")
         if picks:
             g = (prompt.shape[1] - 1) // model.chunk_size
             scored = [c[(c > 0) & (c < g - model.local_chunks + 1)] for c in picks]
-            print(scored_slots(scored, where, model.chunk_size))
+            print(scored_slots(scored, asked, model.chunk_size))
             if plot_file:
-                plot(picks, [mass for *_, mass in rows], where, model.chunk_size, g, plot_file)
+                plot(picks, [row[0][2] for row in rows], asked, model.chunk_size, g, plot_file)
         print("next token: " + ", ".join(f"{tok.decode([i])!r} {v:.2f}" for v, i in zip(*top5)))
 
 
-def inspect(model, ids, key_tokens):
-    """One prefill. Per layer, for the final query: (picked, place, mass per head) and, past the
-    first K chunks, the chunks (H, K) each head read; and the top-5 next-token logits."""
+def inspect(model, ids, keys):
+    """One prefill. Per layer, for the final query, of the asked key (keys[0]) and of all the
+    distractors' together (keys[1:]): (picked, place, mass per head, rank); past the first K
+    chunks, the chunks (H, K) each head read; and the top-5 next-token logits."""
     finals, hooks = {}, []
     caches = model.new_caches(1, ids.shape[1])
     keep = lambda i: lambda module, args: finals.__setitem__(i, args[0][0, :, -1])  # (H, D)
@@ -58,14 +76,29 @@ def inspect(model, ids, key_tokens):
         for h in hooks:
             h.remove()
     t, rows, picks = ids.shape[1] - 1, [], []
+    groups = [keys[0], [u for k in keys[1:] for u in k]]  # the asked key, the distractors
     for i, cache in enumerate(caches):
         weights = final_weights(cache, finals[i], t)  # (H, t + 1)
-        picked, place = key_chunk_place(cache, finals[i], t, key_tokens)
-        rows.append((picked, place, weights[:, key_tokens].sum(-1)))
+        rows.append([(*key_chunk_place(cache, finals[i], t, tokens),
+                      weights[:, tokens].sum(-1), view_rank(cache, finals[i], t, tokens))
+                     if tokens else None for tokens in groups])
         if isinstance(cache, LongHeadsCache) and t // cache.w >= cache.K:
             picks.append(selection(cache, finals[i], t))  # (H, K)
     top = logits.float().topk(5)
     return rows, picks, (top.values.tolist(), top.indices.tolist())
+
+
+def view_rank(cache, q, t, key_tokens):
+    """The median rank, over the heads that read one, of the key's chunks in query t's view
+    (the highest where a key spans two), or "-" for full attention or when no head reads it."""
+    if not isinstance(cache, LongHeadsCache):
+        return "-"
+    chunks = selection(cache, q, t)  # (H, K) in layout order: rank r is column r
+    holds = torch.isin(chunks, torch.tensor(sorted({u // cache.w for u in key_tokens}),
+                                            device=q.device))  # (H, K)
+    ranks = torch.arange(chunks.shape[1], device=q.device).masked_fill(~holds, -1).amax(-1)
+    read = ranks[ranks >= 0]
+    return int(read.float().median()) if len(read) else "-"
 
 
 def plot(picks, masses, key_tokens, w, g, file):

@@ -32,6 +32,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -40,16 +41,20 @@ from tiled import BLOCK_SCORES
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
         "them. I will quiz you about the important information there.")
-# the needle (a line with the key, twice) and the question it answers; "passkey" is the paper's
+# the needle (a line with the key, twice) and the question it answers; "passkey" is the paper's.
+# {what} is the thing the key is: "pass key", or with --distractors "pass key for Lisbon"
 WORDINGS = {
-    "passkey": ("\nThe pass key is {key}. Remember it. {key} is the pass key.\n",
-                "\nWhat is the pass key? The pass key is"),
-    "code": ("\nThe secret code is {key}. Write it down: the secret code is {key}.\n",
-             "\nWhat is the secret code? The secret code is"),
-    "number": ("\nMy lucky number is {key}. Keep it in mind, my lucky number is {key}.\n",
-               "\nWhat is my lucky number? My lucky number is"),
+    "passkey": ("\nThe {what} is {key}. Remember it. {key} is the {what}.\n",
+                "\nWhat is the {what}? The {what} is", "pass key"),
+    "code": ("\nThe {what} is {key}. Write it down: the {what} is {key}.\n",
+             "\nWhat is the {what}? The {what} is", "secret code"),
+    "number": ("\nMy {what} is {key}. Keep it in mind, my {what} is {key}.\n",
+               "\nWhat is my {what}? My {what} is", "lucky number"),
 }
-KEY_LINE, QUESTION = WORDINGS["passkey"]
+# --distractors: every key gets a label, and the question names the asked one's. Places, not
+# people, so that none is a name in War and Peace; each one token for the default tokenizer, so
+# that every question about one document has the same length (prompt_parts)
+LABELS = ("Lisbon", "Oslo", "Cairo", "Lima", "Perth", "Tokyo", "Denver", "Dublin")
 # sentences repeated to any length; "filler" is the paper's, "facts" a second one with other words
 FILLERS = {
     "filler": (" The grass is green. The sky is blue. The sun is yellow. Here we go. "
@@ -78,39 +83,90 @@ class UsageError(Exception):
 
 # ----------------------------------------------------------------------------- the prompt
 
-def prompt_parts(tok, length, depth, key, haystack="filler", wording="passkey"):
-    """The prompt of `length` tokens with the key line after `depth` of the haystack, in two
-    parts: (the task and the haystack before the key line, the rest). The first part does not
-    depend on the key, and the one of a smaller depth is a prefix of it: trials can share its
-    prefill. The key line goes between whole filler sentences, or at a line break of the book."""
+class Needle(NamedTuple):
+    """A key hidden in the prompt: after `depth` of the haystack, under a label or none."""
+    depth: float
+    key: int
+    label: str | None = None  # None: the paper's prompt, one key and no label
+
+
+def needle_text(wording, needle):
+    """The needle's key line and the question that asks for it, in the wording's words."""
+    line, question, what = WORDINGS[wording]
+    what = what if needle.label is None else f"{what} for {needle.label}"
+    return line.format(what=what, key=needle.key), question.format(what=what)
+
+
+def trial_needles(seed, length, depth, trial, distractors=0):
+    """The keys of one trial, the asked one first, at `depth`; then `distractors` more under other
+    labels, spread evenly over the haystack from it (depth + j / (distractors + 1), wrapped).
+
+    A key and a label belong to a place, not to a trial: the trials whose keys sit at the same
+    places (with 3 distractors, the depths 0, 0.25, 0.5 and 0.75) hide the same document and ask
+    for different keys of it, so they share its prefill."""
+    if not distractors:
+        return [Needle(depth, trial_key(seed, length, depth, trial))]
+    n = distractors + 1
+    depths = [depth] + [round((depth + j / n) % 1.0, 6) for j in range(1, n)]
+    labels = random.Random(f"{seed}-{length}-{sorted(depths)}-{trial}").sample(LABELS, n)
+    keys = {}
+    for d in sorted(depths):  # distinct keys: a collision moves the later one on
+        key = trial_key(seed, length, d, trial)
+        while key in keys.values():
+            key = key % 89999 + 10001  # stays five digits
+        keys[d] = key
+    return [Needle(d, keys[d], labels[sorted(depths).index(d)]) for d in depths]
+
+
+def prompt_parts(tok, length, needles, haystack="filler", wording="passkey"):
+    """The prompt of `length` tokens with each needle's key line after its depth of the haystack
+    and, at the end, the question for the first needle's key (a question shorter than another
+    needle's would be leaves the prompt that much shorter), in two parts: (what trials can
+    share, the rest). With one key, the shared part is all before the key line: it does not
+    depend on the key, and the one of a smaller depth is a prefix of it. With distractors, it is
+    all before the question: the trials that ask for different keys of one document share it.
+    A key line goes between whole filler sentences, or at a line break of the book."""
     head = task_head(tok)
-    key_line, question = WORDINGS[wording]
-    key_ids, question = (tok.continuation(s) for s in (key_line.format(key=key), question))
-    room = length - len(head) - len(key_ids) - len(question)  # tokens of haystack
+    lines = [tok.continuation(needle_text(wording, n)[0]) for n in needles]
+    question = tok.continuation(needle_text(wording, needles[0])[1])
+    # why the longest question: the document must not depend on which of its keys is asked
+    longest = max(len(tok.continuation(needle_text(wording, n)[1])) for n in needles)
+    room = length - len(head) - sum(map(len, lines)) - longest  # tokens of haystack
     if room < 0:
         raise UsageError(f"--len {length} is shorter than the prompt's fixed parts "
                          f"({length - room} tokens): use a larger length")
     hay, cut = haystack_tokens(tok, haystack, room)
-    before = cut(depth * room)
-    return head + hay[:before], key_ids + hay[before:room] + question
-
-
-def truncated_parts(tok, parts, keep, wording="passkey"):
-    """The `truncated` baseline's prompt from a prompt's parts: the task line and the prompt's
-    last `keep` tokens, again as (shared, rest). The rest starts at the key line if the cut kept
-    it; else it is the question, and the shared part is the same for every key cut away."""
-    shared, rest = parts
-    ids, head = shared + rest, len(task_head(tok))
-    cut = max(head, len(ids) - keep)
-    key_at = head + len(shared) - cut  # where the key line starts in the truncated prompt
-    ids = ids[:head] + ids[cut:]
-    split = key_at if key_at >= head else len(ids) - len(tok.continuation(WORDINGS[wording][1]))
+    places = [cut(n.depth * room) for n in needles]
+    ids, done = list(head), 0
+    for place, i in sorted(zip(places, range(len(needles)))):  # by place, then the asked first
+        ids += hay[done:place]
+        if i == 0:
+            split = len(ids)  # where the asked key's line starts
+        ids += lines[i]
+        done = place
+    ids += hay[done:room] + question
+    if len(needles) > 1:
+        split = len(ids) - len(question)
     return ids[:split], ids[split:]
 
 
-def build_prompt(tok, length, depth, key, haystack="filler", wording="passkey"):
-    """Token ids of exactly `length` tokens with the key line after `depth` of the haystack."""
-    shared, rest = prompt_parts(tok, length, depth, key, haystack, wording)
+def truncated_parts(tok, parts, keep, question):
+    """The `truncated` baseline's prompt from a prompt's parts: the task line and the prompt's
+    last `keep` tokens, again as (shared, rest). The rest starts where it started in the whole
+    prompt if the cut kept that place; else it is the question (`question`: its ids), and the
+    shared part is the same for every key cut away."""
+    shared, rest = parts
+    ids, head = shared + rest, len(task_head(tok))
+    cut = max(head, len(ids) - keep)
+    rest_at = head + len(shared) - cut  # where the rest starts in the truncated prompt
+    ids = ids[:head] + ids[cut:]
+    split = rest_at if rest_at >= head else len(ids) - len(question)
+    return ids[:split], ids[split:]
+
+
+def build_prompt(tok, length, needles, haystack="filler", wording="passkey"):
+    """Token ids of exactly `length` tokens with the needles' key lines and the question."""
+    shared, rest = prompt_parts(tok, length, needles, haystack, wording)
     return shared + rest
 
 
@@ -132,9 +188,9 @@ def haystack_tokens(tok, haystack, room):
     return ids, lambda i: next(j for j in range(round(i), -1, -1) if line_break(j))
 
 
-def key_digits(tok, ids, key, wording="passkey"):
-    """Positions of the key's digit tokens in a prompt (both times it is written)."""
-    line = tok.continuation(WORDINGS[wording][0].format(key=key))
+def key_digits(tok, ids, needle, wording="passkey"):
+    """Positions of a needle's digit tokens in a prompt (both times its line writes the key)."""
+    line = tok.continuation(needle_text(wording, needle)[0])
     start = next(i for i in range(len(ids)) if ids[i:i + len(line)] == line)
     return [start + j for j, t in enumerate(line) if tok.decode([t]).strip().isdigit()]
 
@@ -152,14 +208,16 @@ def first_integer(text):
 # ----------------------------------------------------------------------------- the trials
 
 def trial_prompts(model, tok, length, trials, attention, args):
-    """The (shared, rest) parts of each trial's prompt, trials as (depth, key) pairs in order of
-    depth: so the shared part of one trial is a prefix of the next one's, or starts anew."""
-    for depth, key in sorted(trials, key=lambda trial: trial[0]):
-        parts = prompt_parts(tok, length, depth, key, args.haystack, args.wording)
+    """Each trial's needles and the (shared, rest) parts of its prompt, trials given as lists of
+    needles (the asked first), in order of their places: so the shared part of one trial is the
+    next one's, or a prefix of it, or the next one starts anew."""
+    for needles in sorted(trials, key=lambda ns: (sorted(n.depth for n in ns), ns[0].depth)):
+        parts = prompt_parts(tok, length, needles, args.haystack, args.wording)
         if attention == "truncated":  # the answer stays inside the trained length too
             keep = model.config.max_position_embeddings - NEW_TOKENS - len(task_head(tok))
-            parts = truncated_parts(tok, parts, keep, args.wording)
-        yield depth, key, parts
+            question = tok.continuation(needle_text(args.wording, needles[0])[1])
+            parts = truncated_parts(tok, parts, keep, question)
+        yield needles, parts
 
 
 @torch.no_grad()
@@ -316,6 +374,9 @@ def check_args(args):
             raise UsageError(f"--depths must lie in [0, 1], got {d}")
     if args.trials < 1:
         raise UsageError(f"--trials must be >= 1, got {args.trials}")
+    if not 0 <= args.distractors < len(LABELS):
+        raise UsageError(f"--distractors must lie in [0, {len(LABELS) - 1}] (one label each), "
+                         f"got {args.distractors}")
     check_model_args(args)
 
 
@@ -394,7 +455,8 @@ def check_model(model, tok, args):
     if "longheads" in attentions(args):
         check_budget(model)
     for length in args.len:  # too short: raises before a trial
-        build_prompt(tok, length, 0.0, 10000, args.haystack, args.wording)
+        build_prompt(tok, length, trial_needles(0, length, 0.0, 0, args.distractors),
+                     args.haystack, args.wording)
 
 
 def check_budget(model):
@@ -412,13 +474,14 @@ def run_diagnosis(args):
     from diagnose import diagnose
     model, tok, dtype = load(args)
     length, depth, short = args.len[0], args.depths[0], model.config.max_position_embeddings // 2
-    key = trial_key(args.seed, length, depth, 0)
-    prompts = [build_prompt(tok, n, depth, key, args.haystack, args.wording)
+    needles = trial_needles(args.seed, length, depth, 0, args.distractors)
+    prompts = [build_prompt(tok, n, needles, args.haystack, args.wording)
                for n in (length, short)]
     tensors = [torch.tensor([p], device=args.device) for p in prompts]
-    print(f"key {key} at depth {depth}; LongHeads {describe(model)}, {args.haystack}, "
-          f"wording {args.wording}")
-    digits = [key_digits(tok, p, key, args.wording) for p in prompts]
+    others = "".join(f", {n.label}'s {n.key} at {n.depth}" for n in needles[1:])
+    print(f"key {needles[0].key} at depth {depth}{others}; LongHeads {describe(model)}, "
+          f"{args.haystack}, wording {args.wording}")
+    digits = [[key_digits(tok, p, n, args.wording) for n in needles] for p in prompts]
     diagnose(model, tok, tensors[0], digits[0], tensors[1], digits[1], plot_file=args.plot)
 
 
@@ -426,27 +489,25 @@ def sweep(args):
     model, tok, dtype = load(args)
     print(header(model, args, dtype))
     print(f"{'length':>7} {'depth':>5}  {'attention':<9}  {'key':>5}  {'output':<24} "
-          f"{'ok':<3} {'seconds':>7}")
-    runs = []  # (length, attention, [(depth, key, (shared, rest))]): every prompt, made up front
+          f"{'ok':<9} {'seconds':>7}")
+    runs = []  # (length, attention, [(needles, (shared, rest))]): every prompt, made up front
     for length in args.len:
-        trials = [(depth, trial_key(args.seed, length, depth, t))
+        trials = [trial_needles(args.seed, length, depth, t, args.distractors)
                   for depth in args.depths for t in range(args.trials)]
         for attention in attentions(args):
             runs.append((length, attention, list(trial_prompts(model, tok, length, trials,
                                                                attention, args))))
-    work = sum(prefill_work([parts for *_, parts in prompts]) for *_, prompts in runs)
+    work = sum(prefill_work([parts for _, parts in prompts]) for *_, prompts in runs)
     records = []
     with Progress(model, work, "passkey") as progress:
         for length, attention, prompts in runs:
             model.attention = "full" if attention == "truncated" else attention
-            answers = answer(model, [parts for *_, parts in prompts], args.device)
-            for (depth, key, _), (ids, seconds) in zip(prompts, answers):
-                output = tok.decode(ids)
-                records.append(dict(length=length, depth=depth, attention=attention,
-                                    **settings(model), haystack=args.haystack,
-                                    wording=args.wording, key=key, output=output,
-                                    correct=first_integer(output) == key,
-                                    seconds=round(seconds, 2)))
+            answers = answer(model, [parts for _, parts in prompts], args.device)
+            for (needles, _), (ids, seconds) in zip(prompts, answers):
+                records.append(record(tok.decode(ids), needles, seconds, length=length,
+                                      attention=attention, **settings(model),
+                                      haystack=args.haystack, wording=args.wording,
+                                      command=args.command))
                 progress.print(trial_line(records[-1]))
                 if args.json:
                     write_atomically(args.json, json.dumps(records, indent=1))
@@ -461,17 +522,37 @@ def header(model, args, dtype):
     setting = args.setting if uses_setting(args) else "custom"
     why = SETTINGS[setting]["why"] if setting != "custom" else "set by the flags"
     other = next(name for name in SETTINGS if name != args.setting)
+    distractors = f", {args.distractors} distractors" if args.distractors else ""
     return (f"model {args.model or 'SmolLM2-135M-Instruct'} "
             f"(trained at {model.config.max_position_embeddings}), haystack {args.haystack}, "
-            f"wording {args.wording}, {args.device} {str(dtype)[6:]}\n"
+            f"wording {args.wording}{distractors}, {args.device} {str(dtype)[6:]}\n"
             f"LongHeads, {setting} setting: {describe(model)}\n"
             f"  why: {why}\n"
             f"  --setting {other}: {SETTINGS[other]['why'].split(':')[0]}")
 
 
+def record(output, needles, seconds, **run):
+    """One trial's JSON record: the run's fields, the asked key and label, the distractors, the
+    output and its outcome (outcome())."""
+    asked, *others = needles
+    return dict(**run, depth=asked.depth, key=asked.key, label=asked.label,
+                distractors=[n._asdict() for n in others], output=output,
+                outcome=outcome(output, needles), correct=outcome(output, needles) == "yes",
+                seconds=round(seconds, 2))
+
+
+def outcome(output, needles):
+    """"yes" when the output's first integer is the asked key, "wrong key" when it is another
+    needle's (a distractor's), "no key" when it is neither, or there is none."""
+    answered = first_integer(output)
+    if answered == needles[0].key:
+        return "yes"
+    return "wrong key" if answered in {n.key for n in needles[1:]} else "no key"
+
+
 def trial_line(r):
     return (f"{r['length']:>7} {r['depth']:>5.2f}  {r['attention']:<9}  {r['key']:>5}  "
-            f"{r['output'][:24]!r:<24} {'yes' if r['correct'] else 'no':<3} {r['seconds']:>7.1f}")
+            f"{r['output'][:24]!r:<24} {r['outcome']:<9} {r['seconds']:>7.1f}")
 
 
 def describe(model):
@@ -492,14 +573,17 @@ def settings(model):
 
 
 def summarize(records):
-    """Accuracy per (attention, length), and the seconds per trial with the shared work spread."""
+    """Accuracy per (attention, length), with the misses that were a distractor's key, and the
+    seconds per trial with the shared work spread."""
     print("\naccuracy")
     cells = {}
     for r in records:
         cells.setdefault((r["attention"], r["length"]), []).append(r)
     for (attention, length), rs in sorted(cells.items()):
         ok, n = sum(r["correct"] for r in rs), len(rs)
-        print(f"  {attention:<9} {length:>7}: {ok}/{n} = {ok / n:.0%}, "
+        wrong = sum(r["outcome"] == "wrong key" for r in rs)
+        misses = f" ({wrong} wrong key, {n - ok - wrong} no key)" if rs[0]["distractors"] else ""
+        print(f"  {attention:<9} {length:>7}: {ok}/{n} = {ok / n:.0%}{misses}, "
               f"{sum(r['seconds'] for r in rs) / n:.1f} s per trial")
 
 
@@ -587,6 +671,9 @@ def parse_args(argv=None):
                    "sentences (facts) or War and Peace (book)")
     p.add_argument("--wording", choices=WORDINGS, default="passkey",
                    help="the key's line and its question: the paper's (passkey) or another")
+    p.add_argument("--distractors", type=int, default=0, help="hide this many more keys under "
+                   "other labels, spread over the haystack; the question names the asked key's "
+                   "label (default 0: the paper's prompt, one key)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
@@ -599,7 +686,9 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write one record per trial to this file")
     p.add_argument("--plot", help="write a depth x length accuracy heatmap (PNG; needs "
                    "matplotlib); with --diagnose, the chunks every layer and head read")
-    return apply_setting(p.parse_args(argv))
+    args = apply_setting(p.parse_args(argv))
+    args.command = " ".join(["python passkey.py", *(sys.argv[1:] if argv is None else argv)])
+    return args
 
 
 def apply_setting(args):

@@ -75,20 +75,21 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(tokenizer):
 @pytest.mark.parametrize("haystack, wording", [("filler", "passkey"), ("facts", "code"),
                                                ("filler", "number")])
 def test_prompt_has_exact_length_and_key_at_depth(tokenizer, length, depth, haystack, wording):
-    ids = passkey.build_prompt(tokenizer, length, depth, 54321, haystack, wording)
+    needle = passkey.Needle(depth, 54321)
+    ids = passkey.build_prompt(tokenizer, length, [needle], haystack, wording)
     assert len(ids) == length
     text = tokenizer.decode(ids)
-    key_line, question = passkey.WORDINGS[wording]
+    key_line, question = passkey.needle_text(wording, needle)
     assert text.count("54321") == 2 and text.endswith(question)
     assert passkey.FILLERS[haystack].strip().split(". ")[1] in text
-    start, key_at = len(passkey.TASK), text.index(key_line.format(key=54321))
-    filler = len(text) - len(passkey.TASK) - len(question) - len(key_line.format(key=54321))
+    start, key_at = len(passkey.TASK), text.index(key_line)
+    filler = len(text) - len(passkey.TASK) - len(question) - len(key_line)
     assert abs((key_at - start) / filler - depth) < 0.1  # to a whole filler sentence
-    digits = passkey.key_digits(tokenizer, ids, 54321, wording)
+    digits = passkey.key_digits(tokenizer, ids, needle, wording)
     assert "".join(tokenizer.decode([ids[i]]) for i in digits) == "5432154321"
-    shared, _ = passkey.prompt_parts(tokenizer, length, depth, 54321, haystack, wording)
-    deeper, _ = passkey.prompt_parts(tokenizer, length, min(1.0, depth + 0.2), 12345, haystack,
-                                     wording)
+    shared, _ = passkey.prompt_parts(tokenizer, length, [needle], haystack, wording)
+    deeper, _ = passkey.prompt_parts(tokenizer, length, [passkey.Needle(min(1.0, depth + 0.2),
+                                                                        12345)], haystack, wording)
     assert ids[:len(shared)] == shared == deeper[:len(shared)]  # what trials share: no key in it
 
 
@@ -96,17 +97,19 @@ def test_prompt_has_exact_length_and_key_at_depth(tokenizer, length, depth, hays
 @pytest.mark.parametrize("depth", [0.0, 0.3, 0.7, 1.0])
 def test_book_prompt_hides_the_key_at_a_line_break_of_the_prose(tokenizer, depth):
     length = 3000
-    ids = passkey.build_prompt(tokenizer, length, depth, 54321, haystack="book")
+    needle = passkey.Needle(depth, 54321)
+    ids = passkey.build_prompt(tokenizer, length, [needle], haystack="book")
     assert len(ids) == length
     text = tokenizer.decode(ids)
-    line = passkey.KEY_LINE.format(key=54321)
+    line, question = passkey.needle_text("passkey", needle)
     key_at = text.index(line)
-    assert text.count("54321") == 2 and text.endswith(passkey.QUESTION)
+    assert text.count("54321") == 2 and text.endswith(question)
     assert text[key_at - 1] == "\n" and "War and Peace" in text  # after a line of the book
-    prose = len(text) - len(passkey.TASK) - len(passkey.QUESTION) - len(line)
+    prose = len(text) - len(passkey.TASK) - len(question) - len(line)
     assert abs((key_at - len(passkey.TASK)) / prose - depth) < 0.05  # to a line
-    shared, _ = passkey.prompt_parts(tokenizer, length, depth, 54321, haystack="book")
-    deeper, _ = passkey.prompt_parts(tokenizer, length, min(1.0, depth + 0.2), 12345, "book")
+    shared, _ = passkey.prompt_parts(tokenizer, length, [needle], haystack="book")
+    deeper, _ = passkey.prompt_parts(tokenizer, length, [passkey.Needle(min(1.0, depth + 0.2),
+                                                                        12345)], "book")
     assert ids[:len(shared)] == shared == deeper[:len(shared)]  # what trials share: no key in it
 
 
@@ -118,25 +121,78 @@ def test_trials_sharing_the_haystack_answer_as_whole_prompts(smollm2, tokenizer,
     model = Llama.from_pretrained(smollm2, dtype=torch.float32, chunk_size=64, num_chunks=8,
                                   attention="full" if attention == "truncated" else attention)
     model.config.max_position_embeddings = 500  # truncated: a short trained length, cheap cuts
-    length, trials = 800, [(0.8, 11111), (0.2, 22222), (0.8, 33333), (0.5, 44444)]
+    length = 800
+    trials = [[passkey.Needle(depth, key)] for depth, key in
+              [(0.8, 11111), (0.2, 22222), (0.8, 33333), (0.5, 44444)]]
     prompts = list(passkey.trial_prompts(model, tokenizer, length, trials, attention,
                                          passkey.parse_args([])))
-    assert [depth for depth, *_ in prompts] == [0.2, 0.5, 0.8, 0.8]  # in order of depth
+    assert [needles[0].depth for needles, _ in prompts] == [0.2, 0.5, 0.8, 0.8]  # by depth
     if attention == "truncated":  # the first key is cut away, the others kept: a new start
-        rests = [rest for *_, (shared, rest) in prompts]
-        assert rests[0] == tokenizer.continuation(passkey.QUESTION) != rests[1]
+        rests = [rest for _, (shared, rest) in prompts]
+        question = passkey.needle_text("passkey", trials[0][0])[1]
+        assert rests[0] == tokenizer.continuation(question) != rests[1]
     embedded, made = [], []
     model.model.embed_tokens.register_forward_hook(lambda m, a, o: embedded.append(a[0].shape[1]))
     new_caches = model.new_caches
     model.new_caches = lambda *a: made.append(a) or new_caches(*a)
     answers = list(passkey.answer(model, [parts for *_, parts in prompts], "cpu"))
     assert len(made) == 1  # one set of caches, wound back between trials: not a copy each
-    whole = sum(len(shared) + len(rest) for *_, (shared, rest) in prompts)
+    whole = sum(len(shared) + len(rest) for _, (shared, rest) in prompts)
     assert sum(embedded) - 4 * (passkey.NEW_TOKENS - 1) < whole  # the haystack was shared
-    assert sum(embedded) == passkey.prefill_work([parts for *_, parts in prompts])
-    for (depth, key, (shared, rest)), (ids, _) in zip(prompts, answers):
+    assert sum(embedded) == passkey.prefill_work([parts for _, parts in prompts])
+    for (_, (shared, rest)), (ids, _) in zip(prompts, answers):
         expected = model.generate(torch.tensor([shared + rest]), passkey.NEW_TOKENS)
         assert ids == expected[0, len(shared + rest):].tolist()
+
+
+@needs_model
+@pytest.mark.parametrize("length, depth, distractors, haystack, wording", [
+    (1000, 0.0, 1, "filler", "passkey"), (1000, 0.3, 3, "facts", "code"),
+    (3000, 1.0, 3, "book", "number"), (3000, 0.75, 7, "filler", "passkey")])
+def test_distractor_prompt_holds_every_key_once_at_its_place(tokenizer, length, depth,
+                                                             distractors, haystack, wording):
+    """The asked key and each distractor: its line once, under its own label, at its depth (to
+    a filler sentence or a line of the book); the question names the asked label; the trials
+    whose keys sit at the same places share the whole document."""
+    needles = passkey.trial_needles(0, length, depth, 0, distractors)
+    assert len(needles) == distractors + 1 and needles[0].depth == depth
+    assert len({n.key for n in needles}) == len({n.label for n in needles}) == len(needles)
+    ids = passkey.build_prompt(tokenizer, length, needles, haystack, wording)
+    assert len(ids) == length
+    text = tokenizer.decode(ids)
+    question = passkey.needle_text(wording, needles[0])[1]
+    assert text.endswith(question) and question.count(needles[0].label) == 2
+    lines = [passkey.needle_text(wording, n)[0] for n in needles]
+    hay = len(text) - len(passkey.TASK) - len(question) - sum(map(len, lines))
+    gaps = sorted(round((n.depth - depth) % 1.0, 6) for n in needles)
+    assert gaps == [j / len(needles) for j in range(len(needles))]  # spread evenly from the asked
+    for needle, line in zip(needles, lines):
+        assert text.count(line) == 1 and text.count(str(needle.key)) == 2
+        before = sum(len(other) for other in lines if text.index(other) < text.index(line))
+        at = (text.index(line) - len(passkey.TASK) - before) / hay
+        assert abs(at - needle.depth) < (0.1 if haystack != "book" else 0.05)
+        digits = passkey.key_digits(tokenizer, ids, needle, wording)
+        assert "".join(tokenizer.decode([ids[i]]) for i in digits) == str(needle.key) * 2
+    shared, rest = passkey.prompt_parts(tokenizer, length, needles, haystack, wording)
+    assert rest == tokenizer.continuation(question)  # with distractors, all but the question
+    other = next(n.depth for n in needles[1:] if n.depth != 1.0)  # ask for another key
+    moved = passkey.trial_needles(0, length, other, 0, distractors)
+    if sorted(n.depth for n in moved) == sorted(n.depth for n in needles):
+        assert passkey.prompt_parts(tokenizer, length, moved, haystack, wording)[0] == shared
+
+
+def test_scoring_tells_a_wrong_key_from_no_key():
+    needles = [passkey.Needle(0.5, 12345, "Oslo"), passkey.Needle(0.0, 67890, "Lima")]
+    assert passkey.outcome(" 12345.\nThe", needles) == "yes"
+    assert passkey.outcome(" 67890.", needles) == "wrong key"
+    assert passkey.outcome(" 1234.", needles) == "no key"
+    assert passkey.outcome(" the pass key.", needles) == "no key"
+    assert passkey.outcome(" 67890.", needles[:1]) == "no key"  # no distractor: any other number
+    r = passkey.record(" 67890.", needles, 1.234, length=4096, attention="full")
+    assert (r["key"], r["label"], r["outcome"], r["correct"]) == (12345, "Oslo", "wrong key",
+                                                                  False)
+    assert r["distractors"] == [dict(depth=0.0, key=67890, label="Lima")]
+    assert "wrong key" in passkey.trial_line(r)
 
 
 @needs_model
@@ -144,18 +200,20 @@ def test_trials_sharing_the_haystack_answer_as_whole_prompts(smollm2, tokenizer,
 def test_truncated_reads_the_task_line_and_the_prompts_end(tokenizer, depth):
     """The baseline keeps the task line and the last tokens; its rest starts at the key line
     when the cut kept it, else it is the question, the shared part the same for every key."""
-    ids = passkey.build_prompt(tokenizer, 1000, depth, 12345)
-    parts = passkey.prompt_parts(tokenizer, 1000, depth, 12345)
-    shared, rest = passkey.truncated_parts(tokenizer, parts, 280)
+    needle = passkey.Needle(depth, 12345)
+    ids = passkey.build_prompt(tokenizer, 1000, [needle])
+    parts = passkey.prompt_parts(tokenizer, 1000, [needle])
+    key_line, question = (tokenizer.continuation(s) for s in passkey.needle_text("passkey",
+                                                                                 needle))
+    shared, rest = passkey.truncated_parts(tokenizer, parts, 280, question)
     head = len(tokenizer.encode(passkey.TASK)) + 1  # the task line and its new line
     assert shared + rest == ids[:head] + ids[-280:]
-    key_line = tokenizer.continuation(passkey.KEY_LINE.format(key=12345))
     if depth == 1.0:
         assert rest[:len(key_line)] == key_line
     else:
-        assert rest == tokenizer.continuation(passkey.QUESTION)
-        other = passkey.prompt_parts(tokenizer, 1000, 0.25, 54321)
-        assert passkey.truncated_parts(tokenizer, other, 280)[0] == shared
+        assert rest == question
+        other = passkey.prompt_parts(tokenizer, 1000, [passkey.Needle(0.25, 54321)])
+        assert passkey.truncated_parts(tokenizer, other, 280, question)[0] == shared
 
 
 @needs_model
@@ -222,6 +280,7 @@ def test_diagnose_prints_every_layer_for_both_attentions(smollm2, tmp_path):
     (["--model", "/no/such/dir"], "no such directory"),
     (["--depths", "1.5"], "--depths must lie in [0, 1]"),
     (["--trials", "0"], "--trials must be >= 1"),
+    (["--distractors", "8"], "--distractors must lie in [0, 7]"),
     (["--num-chunks", "2"], "--num-chunks must be >= 3"),
     (["--device", "cuda"], "no CUDA device"),
     (["--offload", "--device", "cpu"], "it needs --device cuda"),
