@@ -41,6 +41,8 @@ CHUNK_SIZE = 256  # the defaults, the same in every entry point (RESULTS.md says
 LAYOUT = "position"  # the paper's: the picked chunks keep their order in the text
 SELECT = "summary"  # the paper's: candidates are scored by their summary key
 LOCAL_CHUNKS = 2  # the own chunk and the one before it are always read (the paper's)
+LAYOUTS = ("position", "score")  # the order of the picked chunks: the paper's, or best nearest
+SELECTS = ("summary", "maxkey")  # how candidates are scored: the paper's, or a chunk's best key
 
 
 def rope_inv_freq(head_dim, theta=10000.0):
@@ -82,7 +84,7 @@ def apply_rope(x, cos, sin):
 def chunk_summaries(q, k, v):
     """§1: q (B, Hkv, G, n, w, D), k and v (B, Hkv, 1, n, w, D), all at chunk-local positions,
     n chunks -> one summary key per chunk and query head (B, Hkv, G, n, D), float32 or wider."""
-    q, k, v = (x.to(torch.promote_types(q.dtype, torch.float32)) for x in (q, k, v))
+    q, k, v = [x.to(torch.promote_types(q.dtype, torch.float32)) for x in (q, k, v)]
     scale = 1.0 / math.sqrt(q.shape[-1])
     inner = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # (B, Hkv, G, n, w, w)
     chunk_query = (inner @ v).mean(dim=-2, keepdim=True)  # (B, Hkv, G, n, 1, D)
@@ -143,14 +145,11 @@ def longheads_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
 
     K = num_chunks, K * chunk_size <= trained length; rope: None (then rope_theta), inverse
     frequencies (D/2,), or (cos, sin) tables of >= min(T, K * w) rows."""
+    check_options(num_chunks, chunk_size, layout, select, local_chunks)
+    check_qkv(q, k, v)
     B, H, T, D = q.shape
     Hkv, w, K, dev = k.shape[1], chunk_size, num_chunks, q.device
     G, n = H // Hkv, -(-T // w)  # query head h reads kv head h // G; chunks, the last partial
-    if (k.shape != v.shape or k.shape[2] != T or H % Hkv or not 2 <= local_chunks < K
-            or layout not in ("position", "score") or select not in ("summary", "maxkey")):
-        raise ValueError(f"need k, v (B, Hkv, T, D), H % Hkv == 0, 2 <= local_chunks < K; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, K = {K}, local_chunks = "
-                         f"{local_chunks}, layout {layout!r}, select {select!r}")
     dt = torch.promote_types(q.dtype, torch.float32)  # work in float32 or wider
     cos, sin = rope_table(rope, rope_theta, D, min(T, K * w), dev, dt)  # (min(T, K * w), D)
     # why: real queries and keys get positions below min(T, K * w), but the zeros padding the
@@ -221,11 +220,46 @@ def attend_picks(q, ids, g, kc, vc, cos, sin):
     return (p @ vu).sum(-3) / p.sum((-3, -1))[..., None]  # (B, Hkv, G, w, D)
 
 
+def check_options(num_chunks, chunk_size, layout=LAYOUT, select=SELECT,
+                  local_chunks=LOCAL_CHUNKS):
+    """One line for a setting LongHeads cannot run: the rules every entry point shares."""
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if not isinstance(num_chunks, int) or num_chunks < 3:
+        raise ValueError(f"num_chunks must be an integer >= 3 (chunk 0, the previous and the own "
+                         f"chunk are always read), got {num_chunks!r}")
+    if not isinstance(local_chunks, int) or not 2 <= local_chunks <= num_chunks - 1:
+        raise ValueError(f"local_chunks must lie in [2, num_chunks - 1] = [2, {num_chunks - 1}] "
+                         f"(the own and previous chunk at least, chunk 0 besides), got "
+                         f"{local_chunks!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if select not in SELECTS:
+        raise ValueError(f"select must be one of {', '.join(SELECTS)}, got {select!r}")
+
+
+def check_qkv(q, k, v):
+    """One line for q, k, v that LongHeads cannot compute with."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q must be (B, H, T, D) and k, v (B, Hkv, T, D), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    (B, H, T, D), (_, Hkv, _, _) = q.shape, k.shape
+    if k.shape != v.shape or (B, T, D) != (k.shape[0], k.shape[2], k.shape[3]):
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must "
+                         f"agree in batch B, tokens T and head dim D")
+    if D % 2:
+        raise ValueError(f"the head dim must be even (RoPE turns pairs of dims), got {D}")
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"the query heads ({H}) must be a multiple of the key/value heads "
+                         f"({Hkv})")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
 # ============================================================================ copy to here
-
-
-LAYOUTS = ("position", "score")  # the order of the picked chunks: the paper's, or best nearest
-SELECTS = ("summary", "maxkey")  # how candidates are scored: the paper's, or a chunk's best key
 
 
 def default_num_chunks(trained_length, chunk_size=CHUNK_SIZE):
@@ -235,19 +269,8 @@ def default_num_chunks(trained_length, chunk_size=CHUNK_SIZE):
 
 def check_config(num_heads, num_kv_heads, chunk_size, num_chunks, layout=LAYOUT, select=SELECT,
                  local_chunks=LOCAL_CHUNKS):
-    """One clear error for a LongHeads setting that cannot work."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    if select not in SELECTS:
-        raise ValueError(f"select must be one of {', '.join(SELECTS)}, got {select!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if num_chunks < 3:
-        raise ValueError(f"num_chunks must be >= 3 (chunk 0, the previous and the own chunk are "
-                         f"always read), got {num_chunks}")
-    if not 2 <= local_chunks <= num_chunks - 1:
-        raise ValueError(f"local_chunks must lie in [2, num_chunks - 1] (the own and previous "
-                         f"chunk at least, chunk 0 besides), got {local_chunks}")
+    """check_options, and the heads: for an entry point that sees no tensors yet."""
+    check_options(num_chunks, chunk_size, layout, select, local_chunks)
     if num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"the query heads ({num_heads}) must be a multiple of the key/value "
                          f"heads ({num_kv_heads})")
@@ -290,8 +313,9 @@ def reference_summary(q, k, v, cos, sin):
 
 def reference_score(q, j, summaries, k, w, cos, sin, select="summary"):
     """§2: how well candidate chunk j suits raw query q (D,); k: the head's raw keys (T, D)."""
+    q, k = q.detach(), k.detach()  # a score only chooses: no gradient flows through it
     if select == "summary":
-        return float(q @ summaries[j])
+        return float(q @ summaries[j].detach())
     keys = apply_rope(k[j * w:(j + 1) * w], cos[:w], sin[:w])  # (w, D) at chunk-local positions
     return float((keys @ apply_rope(q, cos[w], sin[w])).max())  # the query just after the chunk
 

@@ -21,9 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-from longheads import (CHUNK_SIZE, LAYOUT, LOCAL_CHUNKS, SELECT, apply_rope, default_num_chunks,
-                       rope_cos_sin, rope_inv_freq)
-from tiled import LongHeadsCache, causal_attention
+from longheads import (CHUNK_SIZE, LAYOUT, LOCAL_CHUNKS, SELECT, apply_rope, check_config,
+                       default_num_chunks, rope_cos_sin, rope_inv_freq)
+from tiled import LongHeadsCache, causal_attention, check_grad_call
 
 ROPE_TYPES = ("default", "linear", "dynamic")
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -116,6 +116,7 @@ class KVCache(nn.Module):
         """q: (B, H, T, D), k and v: (B, Hkv, T, D) before RoPE -> (B, H, T, D)."""
         start, T = self.length, q.shape[2]
         end = start + T
+        check_grad_call(start, q, k, v)
         if end > self.max_len:
             raise ValueError(f"the cache holds {self.max_len} tokens; "
                              f"it has {start} and got {T} more")
@@ -208,6 +209,16 @@ class Llama(nn.Module):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        given = num_chunks is not None  # else the paper's rule, which a tiny model may not fit
+        if not given:
+            num_chunks = default_num_chunks(cfg.max_position_embeddings, chunk_size)
+        check_config(cfg.num_attention_heads, cfg.num_key_value_heads, chunk_size, num_chunks,
+                     layout, select, local_chunks)
+        if (given or attention == "longheads") and \
+                chunk_size * num_chunks > cfg.max_position_embeddings:
+            raise ValueError(f"chunk_size x num_chunks = {chunk_size * num_chunks} exceeds the "
+                             f"model's trained length {cfg.max_position_embeddings}: LongHeads "
+                             f"would show it distances it never saw; use fewer or smaller chunks")
         layers = cfg.num_hidden_layers
         if select_layers is not None and not 0 <= select_layers[0] <= select_layers[1] < layers:
             raise ValueError(f"select_layers must be (first, last) with 0 <= first <= last <= "
@@ -223,7 +234,7 @@ class Llama(nn.Module):
         self.select_layers = select_layers
         # num_chunks=None is the paper's rule: a budget of the trained length, so that nothing
         # changes for contexts the model was trained on
-        self.num_chunks = num_chunks or default_num_chunks(cfg.max_position_embeddings, chunk_size)
+        self.num_chunks = num_chunks
         self.model = Body(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
@@ -241,7 +252,7 @@ class Llama(nn.Module):
                                             dtype=dtype, device=device, offload=self.offload,
                                             layout=self.layout, select=self.select,
                                             local_chunks=self.layer_local_chunks(i))
-        return nn.ModuleList(make(i) for i in range(cfg.num_hidden_layers))
+        return nn.ModuleList([make(i) for i in range(cfg.num_hidden_layers)])
 
     def layer_local_chunks(self, layer):
         """local_chunks of one layer: the window (num_chunks - 1) outside select_layers."""
@@ -258,6 +269,7 @@ class Llama(nn.Module):
 
     def forward(self, input_ids, caches=None):
         """input_ids (B, T) -> logits (B, T, vocab). Without caches: a fresh sequence."""
+        check_ids(input_ids)
         if caches is None:
             caches = self.new_caches(input_ids.shape[0], input_ids.shape[1])
         return self.lm_head(self.hidden(input_ids, caches))
@@ -266,10 +278,14 @@ class Llama(nn.Module):
     def generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, caches=None):
         """Prefill the prompt once, then one token per step through the caches.
 
-        input_ids (B, T) -> (B, T + max_new_tokens). temperature 0 is greedy decoding. With
-        caches, input_ids continue what they hold; without, they start a fresh sequence.
+        input_ids (B, T) -> (B, T + max_new_tokens). temperature 0 is greedy decoding. Without
+        caches, input_ids start a fresh sequence. With caches (new_caches), input_ids are the new
+        tokens only, which continue what the caches hold; the caches then hold every token
+        returned (the last one too), so a conversation goes on with the next new tokens alone.
         """
-        if caches is None:
+        check_ids(input_ids)
+        given = caches is not None
+        if not given:
             caches = self.new_caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
         tokens, new = input_ids, input_ids
         for _ in range(max_new_tokens):
@@ -277,6 +293,10 @@ class Llama(nn.Module):
             logits = self.lm_head(self.hidden(new, caches)[:, -1])
             new = sample(logits, temperature, top_k)  # (B, 1)
             tokens = torch.cat([tokens, new], dim=1)
+        if given and max_new_tokens:
+            # why: the caller's caches then hold every token returned, and the next call goes on
+            # after the last of them, as one call on the whole history would
+            self.hidden(new, caches)
         return tokens
 
     @classmethod
@@ -284,6 +304,7 @@ class Llama(nn.Module):
                         chunk_size=CHUNK_SIZE, num_chunks=None, offload=False, layout=LAYOUT,
                         select=SELECT, local_chunks=LOCAL_CHUNKS, select_layers=None):
         """Load a Hugging Face Llama checkpoint directory (config.json + safetensors)."""
+        check_device(device)
         path = Path(path)
         cfg = LlamaConfig.from_dict(read_json(path / "config.json"))
         files = checkpoint_files(path)
@@ -305,6 +326,13 @@ class Llama(nn.Module):
         return model.eval()
 
 
+def check_ids(input_ids):
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be integer token ids of shape (batch, tokens), got "
+                         f"{input_ids.dtype} {tuple(input_ids.shape)}: for one sequence, "
+                         f"pass ids[None]")
+
+
 def sample(logits, temperature=0.0, top_k=None):
     """logits (B, vocab) -> next tokens (B, 1): greedy at temperature 0, else top-k sampling."""
     if temperature == 0.0:
@@ -320,6 +348,17 @@ def sample(logits, temperature=0.0, top_k=None):
 
 # why: older conversions saved RoPE's frequencies beside the weights; we compute them instead
 IGNORED = ("rotary_emb.inv_freq",)
+
+
+def check_device(device):
+    """A device the loader can read weights into, or one line that says what to do."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: this torch has no CUDA device (a CPU build, or "
+                         f"no GPU); load on 'cpu', or install a CUDA build of torch")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r}: weights are read into 'cpu' or 'cuda'; load on "
+                         f"'cpu' and move the model with .to({str(device)!r})")
 
 
 def read_json(file):

@@ -285,11 +285,11 @@ def wind_back(caches, saved):
 
 def prefill_work(prompts):
     """Tokens that answer() will run through the model for these prompts (the progress bar's
-    whole): the shared parts it does not hold yet, the rests, the new tokens but the last."""
+    whole): the shared parts it does not hold yet, the rests, the new tokens."""
     held, work = [], 0
     for shared, rest in prompts:
         held = held if shared[:len(held)] == held else []
-        work += max(0, len(shared) - len(held)) + len(rest) + NEW_TOKENS - 1
+        work += max(0, len(shared) - len(held)) + len(rest) + NEW_TOKENS
         held = shared if len(shared) > len(held) else held
     return work
 
@@ -451,22 +451,10 @@ def load_model(args):
 
 
 def check_model(model, tok, args):
-    """What can only be checked once the model is known: the budget and the lengths."""
-    if "longheads" in attentions(args):
-        check_budget(model)
+    """What can only be checked once the model is known: the lengths (Llama checks the budget)."""
     for length in args.len:  # too short: raises before a trial
         build_prompt(tok, length, trial_needles(0, length, 0.0, 0, args.distractors),
                      args.haystack, args.wording)
-
-
-def check_budget(model):
-    budget, trained = model.chunk_size * model.num_chunks, model.config.max_position_embeddings
-    if budget > trained:
-        raise UsageError(f"--chunk-size x --num-chunks = {budget} exceeds the model's trained "
-                         f"length {trained}: LongHeads would show it distances it never saw")
-    if model.local_chunks >= model.num_chunks:
-        raise UsageError(f"--local-chunks {model.local_chunks} leaves no room for chunk 0 in "
-                         f"{model.num_chunks} chunks: use at most {model.num_chunks - 1}")
 
 
 def run_diagnosis(args):
@@ -489,7 +477,7 @@ def sweep(args):
     model, tok, dtype = load(args)
     print(header(model, args, dtype))
     print(f"{'length':>7} {'depth':>5}  {'attention':<9}  {'key':>5}  {'output':<24} "
-          f"{'ok':<9} {'seconds':>7}")
+          f"{'ok':<{9 if args.distractors else 3}} {'seconds':>7}")
     runs = []  # (length, attention, [(needles, (shared, rest))]): every prompt, made up front
     for length in args.len:
         trials = [trial_needles(args.seed, length, depth, t, args.distractors)
@@ -551,8 +539,11 @@ def outcome(output, needles):
 
 
 def trial_line(r):
+    """The trial's columns under the header's; "ok" is the outcome where distractors could make
+    it a wrong key, else yes or no."""
+    ok = f"{r['outcome']:<9}" if r["distractors"] else f"{'yes' if r['correct'] else 'no':<3}"
     return (f"{r['length']:>7} {r['depth']:>5.2f}  {r['attention']:<9}  {r['key']:>5}  "
-            f"{r['output'][:24]!r:<24} {r['outcome']:<9} {r['seconds']:>7.1f}")
+            f"{r['output'][:24]!r:<24} {ok} {r['seconds']:>7.1f}")
 
 
 def describe(model):

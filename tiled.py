@@ -20,8 +20,10 @@ chunks, and the work is laid out so that few, large torch operations do it:
 
 The same property tests hold this file and longheads_attention to longheads_reference, the
 per-query definition (test_longheads.py: any budget, every variant, grouped-query attention,
-prefill against decoding; test_cuda.py: the same on a GPU). Inference only: the cache writes its
-buffers in place, and nothing here supports autograd.
+prefill against decoding; test_cuda.py: the same on a GPU). Gradients flow through one call on a
+fresh cache (tiled_attention, a model's forward without caches), and equal the reference's; with
+autograd on, a cache refuses a second call, which would write over what the first one's
+backward pass reads (check_grad_call).
 
 Shapes as in longheads.py; here also b queries in a block, m chunks up to a block's last query,
 P (query, chunk) pairs of a block.
@@ -32,7 +34,7 @@ import torch
 from torch.nn.attention.bias import causal_lower_right
 
 from longheads import (CHUNK_SIZE, LAYOUT, LOCAL_CHUNKS, SELECT, apply_rope, candidate_scores,
-                       check_config, chunk_summaries, rope_table, select_chunks)
+                       check_config, check_qkv, chunk_summaries, rope_table, select_chunks)
 
 SUMMARY_TOKENS = 4096  # chunks are summarised this many tokens at a time (bounds working memory)
 BLOCK_SCORES = 2**24  # default query block: about this many (query, key) scores (64 MiB float32)
@@ -93,6 +95,7 @@ class LongHeadsCache(torch.nn.Module):
     def forward(self, q, k, v):
         """q: (B, H, T, D), k and v: (B, Hkv, T, D) of the next T tokens -> (B, H, T, D)."""
         check_inputs(q, k, v, cache=self)
+        check_grad_call(self.length, q, k, v)
         B, H, T, D = q.shape
         start = self.length
         qg = q.reshape(B, -1, self.G, T, D)  # (B, Hkv, G, T, D): head h reads kv head h // G
@@ -141,7 +144,7 @@ class LongHeadsCache(torch.nn.Module):
         w, n = self.w, n_tok // self.w
         q = q.reshape(B, Hkv, G, n, w, D)
         q = apply_rope(q, self.cos[:w], self.sin[:w])  # (B, Hkv, G, n, w, D)
-        k, v = (x.view(B, Hkv, 1, n, w, D) for x in self.kv.span(first * w, (first + n) * w))
+        k, v = [x.view(B, Hkv, 1, n, w, D) for x in self.kv.span(first * w, (first + n) * w)]
         self.summaries[:, :, :, first:first + n] = chunk_summaries(q, k, v)
 
 
@@ -170,7 +173,7 @@ class ChunkedKV(torch.nn.Module):
         each."""
         names = ("k", "v") if with_keys else ("v",)
         if not self.offload:
-            return tuple(getattr(self, name)[:, :, s:e] for name in names)
+            return tuple([getattr(self, name)[:, :, s:e] for name in names])
         # why the staging buffer: a slice of several heads is not contiguous, and a copy to the
         # GPU from anything but contiguous pinned memory blocks
         out = []
@@ -184,16 +187,18 @@ class ChunkedKV(torch.nn.Module):
         shape = (len(rows), self.chunk_size, self.k.shape[-1])
         if self.offload:
             rows = rows.cpu()  # why: the CPU must know what to send; offloading's wait a block
-        # (B * Hkv * n, w, D) -> (len(rows), w, D) each
+        # (B * Hkv * n, w, D) -> (len(rows), w, D) each; why no reused buffer under autograd:
+        # a backward pass needs what each gather returned, and out= has no gradient
+        reuse = not (torch.is_grad_enabled() and self.k.requires_grad)
         gathered = [torch.index_select(x.view(-1, *shape[1:]), 0, rows,
-                                       out=self._stage(name, shape, x))
+                                       out=self._stage(name, shape, x) if reuse else None)
                     for name, x in [("k", self.k), ("v", self.v)]]
         return self._send(gathered) if self.offload else tuple(gathered)
 
     def _send(self, tensors):
         """Pinned staging buffers to the GPU, without blocking; remembered, so that no buffer is
         refilled before its copy is done."""
-        out = tuple(x.to(self.device, non_blocking=True) for x in tensors)
+        out = tuple([x.to(self.device, non_blocking=True) for x in tensors])
         self.sent = torch.cuda.Event()
         self.sent.record()
         return out
@@ -251,7 +256,7 @@ def attend_block(cache, q, s, e):
     # §3: rank r is read from (K - 1 - r) * w + o, whichever chunk it is: the query moves;
     # why the tables, not q, are scaled: they are (b, K, D), the rotated queries K times more
     pos = (K - 1 - torch.arange(K, device=dev)) * w + t[:, None] % w  # (b, K)
-    cos, sin = (x[pos] / math.sqrt(D) for x in (cache.cos, cache.sin))  # (b, K, D) each
+    cos, sin = [x[pos] / math.sqrt(D) for x in (cache.cos, cache.sin)]  # (b, K, D) each
     qr = apply_rope(q[..., None, :], cos[:, :-1], sin[:, :-1])  # (B, Hkv, G, b, K - 1, D)
     # a pair's bucket: its head and chunk as one number, head-major: head * m + chunk
     heads = torch.arange(B * Hkv, device=dev).view(B, Hkv, 1, 1, 1) * m  # (B, Hkv, 1, 1, 1)
@@ -264,7 +269,7 @@ def attend_block(cache, q, s, e):
     whole = not cache.cuda_layout and most > size
     bound = most if cache.cuda_layout else None  # CUDA: the tile count from a bound, no wait
     place, row_groups = pack(bucket, size, B * Hkv * m, whole=whole, most=bound)  # (P,), rows
-    n_slots = sum(len(row_bucket) * length for row_bucket, length in row_groups)
+    n_slots = sum([len(row_bucket) * length for row_bucket, length in row_groups])
     q_rows = qr.new_zeros(n_slots, D).index_copy_(0, place, qr.reshape(-1, D))  # (n_slots, D)
     out, lse = read_rows(cache, q_rows, row_groups, m)  # (n_slots, D), (n_slots,)
     # back from the rows to the pairs: (P, D) and (P,), viewed as (B, Hkv, G, b, K - 1, ...)
@@ -327,7 +332,7 @@ def tiled_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_theta=10
 
     The same arguments, and block_size: queries per block (default_block_size), which bounds the
     working memory; for_device: "cuda" or "cpu", lay the work out as for that device (default:
-    q's). Inference only (no autograd).
+    q's). Autograd works, as through longheads_attention.
     """
     check_inputs(q, k, v)
     B, H, T, D = q.shape
@@ -351,7 +356,7 @@ def causal_attention(q, k, v, cuda_layout=None):
         # why: a lower-right causal bias runs the fused GPU kernels with no mask in memory; the
         # memory-efficient one takes no grouped heads, so keys and values go to every head
         G = q.shape[1] // k.shape[1]
-        k, v = (x.repeat_interleave(G, dim=1) if G > 1 else x for x in (k, v))  # (B, H, S, D)
+        k, v = [x.repeat_interleave(G, dim=1) if G > 1 else x for x in (k, v)]  # (B, H, S, D)
         return SDPA(q, k, v, attn_mask=causal_lower_right(T, S))
     # why: after a cached prefix the mask must align bottom-right, which is_causal does not do,
     # and SDPA computes every score under an explicit mask: so blocks of queries each read the
@@ -372,10 +377,14 @@ def attention_lse(q, k, v, mask=None, fused=True):
 
     q (N, Q, D), already scaled; k, v (N, S, D); mask (Q, S), True where a query may look, or
     None. Returns softmax(q k^T) v (N, Q, D) and logsumexp(q k^T) (N, Q), float32 or wider.
-    On the CPU (and fused), one fused kernel; else the plain computation, also its reference.
+    On the CPU (and fused), one fused kernel; else, and under autograd, the plain computation,
+    also its reference.
     """
     wide = torch.promote_types(q.dtype, torch.float32)
-    if fused and q.device.type == "cpu" and FUSED_CPU is not None:
+    # why not under autograd: the kernel's backward takes no gradient of the log-sum-exp, and
+    # merge's weights are made of it
+    tracking = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if fused and q.device.type == "cpu" and FUSED_CPU is not None and not tracking:
         bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(
             ~mask, float("-inf"))  # (Q, S): the kernel takes an additive mask of q's dtype
         # one head each: (N, 1, Q, D) against (N, 1, S, D)
@@ -393,7 +402,8 @@ def attention_lse_plain(q, k, v, mask=None):
     if mask is not None:
         logits.masked_fill_(~mask, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # (N, Q)
-    return (logits.sub_(lse[..., None]).exp_() @ v.to(wide)), lse  # (N, Q, D), (N, Q)
+    # why not logits.sub_(lse).exp_(): logsumexp's backward reads the logits it was given
+    return torch.softmax(logits, dim=-1) @ v.to(wide), lse  # (N, Q, D), (N, Q)
 
 
 def merge(out, lse, one, one_lse):
@@ -471,18 +481,19 @@ def check_cache_options(block_size, device, offload, select, for_device):
                          "to the GPU at every block: use select='summary' with offload")
 
 
+def check_grad_call(length, q, k, v):
+    """With autograd on, a cache (of either kind) takes one call, the whole sequence: a later call
+    writes its buffers in place, under what the first call's backward pass reads."""
+    if length and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                or v.requires_grad):
+        raise ValueError(f"the cache holds {length} tokens, and with autograd on a cache takes "
+                         f"the whole sequence in one call: feed later tokens under "
+                         f"torch.no_grad(), or the whole sequence to a new cache")
+
+
 def check_inputs(q, k, v, cache=None):
-    """One clear error for q, k, v that do not fit each other, or the cache."""
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"q must be (B, H, T, D) and k, v (B, Hkv, T, D), got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    B, H, T, D = q.shape
-    if (B, T, D) != (k.shape[0], k.shape[2], k.shape[3]) or D % 2:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, T and an "
-                         f"even D")
-    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
-        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
+    """One clear error for q, k, v that do not fit each other (check_qkv), or the cache."""
+    check_qkv(q, k, v)
     if cache is not None:
         cache_B, cache_Hkv, _, cache_D = cache.kv.k.shape
         if (k.shape[0], k.shape[1], k.shape[3]) != (cache_B, cache_Hkv, cache_D) \
