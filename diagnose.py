@@ -82,7 +82,7 @@ def inspect(model, ids, keys):
         rows.append([(*key_chunk_place(cache, finals[i], t, tokens),
                       weights[:, tokens].sum(-1), view_rank(cache, finals[i], t, tokens))
                      if tokens else None for tokens in groups])
-        if isinstance(cache, LongHeadsCache) and t // cache.w >= cache.K:
+        if isinstance(cache, LongHeadsCache) and t // cache.w >= cache.F:
             picks.append(selection(cache, finals[i], t))  # (H, K)
     top = logits.float().topk(5)
     return rows, picks, (top.values.tolist(), top.indices.tolist())
@@ -168,7 +168,7 @@ def final_weights(cache, q, t):
 def selection(cache, q, t):
     """The chunks (H, n_sel) that query t of each head reads, in their layout order."""
     g = t // cache.w
-    if g < cache.K:
+    if g < cache.F:
         return torch.arange(g + 1, device=q.device).expand(q.shape[0], g + 1)
     g = torch.tensor([g], device=q.device)
     scores = query_scores(cache, q, t)  # (H, 1, g - 2)
@@ -189,7 +189,7 @@ def key_chunk_place(cache, q, t, key_tokens):
     key_chunks = sorted({u // w for u in key_tokens})
     picked = torch.isin(selection(cache, q, t), torch.tensor(key_chunks, device=q.device)).any(-1)
     candidates = [c for c in key_chunks if 1 <= c <= g - cache.local_chunks]
-    if g < cache.K or len(candidates) < len(key_chunks):
+    if g < cache.F or len(candidates) < len(key_chunks):
         return f"{int(picked.sum())}/{len(picked)}", "-"  # read anyway: the first K, 0, the newest
     scores = query_scores(cache, q, t).squeeze(1)  # (H, g - 2)
     best = scores[:, [c - 1 for c in candidates]].max(-1).values  # (H,)

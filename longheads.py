@@ -140,22 +140,26 @@ def select_chunks(scores, own, num_chunks, layout=LAYOUT, local_chunks=LOCAL_CHU
 
 
 def longheads_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_theta=10000.0,
-                        rope=None, layout=LAYOUT, select=SELECT, local_chunks=LOCAL_CHUNKS):
+                        rope=None, layout=LAYOUT, select=SELECT, local_chunks=LOCAL_CHUNKS,
+                        full_chunks=None):
     """Causal LongHeads attention: q (B, H, T, D), k, v (B, Hkv, T, D), before RoPE -> (B, H, T, D).
 
-    K = num_chunks, K * chunk_size <= trained length; rope: None (then rope_theta), inverse
-    frequencies (D/2,), or (cos, sin) tables of >= min(T, K * w) rows."""
-    check_options(num_chunks, chunk_size, layout, select, local_chunks)
+    K = num_chunks; full_chunks = F >= K (default K): the queries of chunks 0..F-1 read every
+    chunk at its true position, as full attention does; F * chunk_size <= trained length. rope:
+    None (then rope_theta), inverse frequencies (D/2,), or (cos, sin) tables of >= min(T, F * w)
+    rows."""
+    check_options(num_chunks, chunk_size, layout, select, local_chunks, full_chunks)
     check_qkv(q, k, v)
     B, H, T, D = q.shape
     Hkv, w, K, dev = k.shape[1], chunk_size, num_chunks, q.device
+    F = full_chunks or K  # chunks whose queries read everything
     G, n = H // Hkv, -(-T // w)  # query head h reads kv head h // G; chunks, the last partial
     dt = torch.promote_types(q.dtype, torch.float32)  # work in float32 or wider
-    cos, sin = rope_table(rope, rope_theta, D, min(T, K * w), dev, dt)  # (min(T, K * w), D)
-    # why: real queries and keys get positions below min(T, K * w), but the zeros padding the
-    # last chunk and the unpicked slots (both masked) get any up to K * w - 1: repeat the last row
-    table_rows = torch.arange(K * w, device=dev).clamp(max=len(cos) - 1)  # (K * w,)
-    cos, sin = cos[table_rows], sin[table_rows]  # (K * w, D) each
+    cos, sin = rope_table(rope, rope_theta, D, min(T, F * w), dev, dt)  # (min(T, F * w), D)
+    # why: real queries and keys get positions below min(T, F * w), but the zeros padding the
+    # last chunk and the unpicked slots (both masked) get any up to F * w - 1: repeat the last row
+    table_rows = torch.arange(F * w, device=dev).clamp(max=len(cos) - 1)  # (F * w,)
+    cos, sin = cos[table_rows], sin[table_rows]  # (F * w, D) each
     pad = (0, 0, 0, n * w - T)  # zeros after the last token fill the last chunk
     qc = torch.nn.functional.pad(q.to(dt), pad).view(B, Hkv, G, n, w, D)
     kc, vc = (torch.nn.functional.pad(x.to(dt), pad).view(B, Hkv, 1, n, w, D) for x in (k, v))
@@ -163,10 +167,10 @@ def longheads_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
     summaries = chunk_summaries(apply_rope(qc, cos[:w], sin[:w]), kc, vc)  # (B, Hkv, G, n, D)
     out = []
     for g in range(n):  # a chunk of queries at a time
-        if g < K:
-            # every chunk so far fits: chunk j takes rank K - 1 - (g - j), which gives it its true
-            # distance; ids below 0 name no chunk, and no slot of the union matches them
-            ids = torch.arange(g + 1 - K, g + 1, device=dev).expand(B, Hkv, G, w, K)
+        if g < F:
+            # every chunk so far is read: chunk j takes rank F - 1 - (g - j), which gives it its
+            # true distance; ids below 0 name no chunk, and no slot of the union matches them
+            ids = torch.arange(g + 1 - F, g + 1, device=dev).expand(B, Hkv, G, w, F)
         else:
             keys = kc[:, :, 0, :g].flatten(2, 3)  # (B, Hkv, g * w, D): "maxkey" scores by them
             rope_w = cos[w], sin[w]  # (D,) each: position w
@@ -221,7 +225,7 @@ def attend_picks(q, ids, g, kc, vc, cos, sin):
 
 
 def check_options(num_chunks, chunk_size, layout=LAYOUT, select=SELECT,
-                  local_chunks=LOCAL_CHUNKS):
+                  local_chunks=LOCAL_CHUNKS, full_chunks=None):
     """One line for a setting LongHeads cannot run: the rules every entry point shares."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
@@ -232,6 +236,9 @@ def check_options(num_chunks, chunk_size, layout=LAYOUT, select=SELECT,
         raise ValueError(f"local_chunks must lie in [2, num_chunks - 1] = [2, {num_chunks - 1}] "
                          f"(the own and previous chunk at least, chunk 0 besides), got "
                          f"{local_chunks!r}")
+    if full_chunks is not None and (not isinstance(full_chunks, int) or full_chunks < num_chunks):
+        raise ValueError(f"full_chunks must be None or an integer >= num_chunks ({num_chunks}), "
+                         f"got {full_chunks!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if select not in SELECTS:
@@ -268,9 +275,9 @@ def default_num_chunks(trained_length, chunk_size=CHUNK_SIZE):
 
 
 def check_config(num_heads, num_kv_heads, chunk_size, num_chunks, layout=LAYOUT, select=SELECT,
-                 local_chunks=LOCAL_CHUNKS):
+                 local_chunks=LOCAL_CHUNKS, full_chunks=None):
     """check_options, and the heads: for an entry point that sees no tensors yet."""
-    check_options(num_chunks, chunk_size, layout, select, local_chunks)
+    check_options(num_chunks, chunk_size, layout, select, local_chunks, full_chunks)
     if num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"the query heads ({num_heads}) must be a multiple of the key/value "
                          f"heads ({num_kv_heads})")
@@ -279,7 +286,8 @@ def check_config(num_heads, num_kv_heads, chunk_size, num_chunks, layout=LAYOUT,
 # ----------------------------------------------------------------------------- the slow reference
 
 def longheads_reference(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_theta=10000.0,
-                        rope=None, layout=LAYOUT, select=SELECT, local_chunks=LOCAL_CHUNKS):
+                        rope=None, layout=LAYOUT, select=SELECT, local_chunks=LOCAL_CHUNKS,
+                        full_chunks=None):
     """The definition, one query at a time: select chunks, lay them out, rotate, attend.
 
     Written straight from DESIGN.md §1-§3, with nothing shared with longheads_attention or the
@@ -287,7 +295,8 @@ def longheads_reference(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
     """
     B, H, T, D = q.shape
     w, K, G = chunk_size, num_chunks, H // k.shape[1]
-    cos, sin = rope_table(rope, rope_theta, D, min(K * w, T), q.device, q.dtype)
+    F = full_chunks or K
+    cos, sin = rope_table(rope, rope_theta, D, min(F * w, T), q.device, q.dtype)
     out = torch.zeros_like(q)
     for z in range(B):
         for h in range(H):
@@ -297,7 +306,7 @@ def longheads_reference(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
             for t in range(T):
                 scores = {j: reference_score(qh[t], j, summaries, kh, w, cos, sin, select)
                           for j in range(1, t // w - 1)}
-                chunks = reference_selection(scores, t // w, K, layout, local_chunks)
+                chunks = reference_selection(scores, t // w, K, layout, local_chunks, F)
                 out[z, h, t] = reference_query(qh[t], kh, vh, t, chunks, w, cos, sin)
     return out
 
@@ -320,9 +329,10 @@ def reference_score(q, j, summaries, k, w, cos, sin, select="summary"):
     return float((keys @ apply_rope(q, cos[w], sin[w])).max())  # the query just after the chunk
 
 
-def reference_selection(scores, g, K, layout=LAYOUT, local_chunks=LOCAL_CHUNKS):
-    """§2 for one query in chunk g, scores {candidate: score}: the chunks it reads, in order."""
-    if g < K:
+def reference_selection(scores, g, K, layout=LAYOUT, local_chunks=LOCAL_CHUNKS, full_chunks=None):
+    """§2 for one query in chunk g, scores {candidate: score}: the chunks it reads, in order (all
+    of them in the first full_chunks chunks, by default K)."""
+    if g < (full_chunks or K):
         return list(range(g + 1))
     candidates = [j for j in scores if j <= g - local_chunks]  # the newest are read anyway
     best = sorted(candidates, key=scores.get, reverse=True)[:K - 1 - local_chunks]
@@ -331,7 +341,7 @@ def reference_selection(scores, g, K, layout=LAYOUT, local_chunks=LOCAL_CHUNKS):
 
 
 def reference_query(q, k, v, t, chunks, w, cos, sin):
-    """§3 for query t reading chunks (K' = len(chunks): K, or g + 1 in the first K chunks): the
+    """§3 for query t reading chunks (K' = len(chunks): K, or g + 1 in the first F chunks): the
     chunk of rank r gets positions r*w.., the query (K' - 1)*w + t mod w."""
     keys, values, positions = [], [], []
     for r, j in enumerate(chunks):

@@ -205,7 +205,7 @@ class Body(nn.Module):
 class Llama(nn.Module):
     def __init__(self, cfg, *, attention="full", chunk_size=CHUNK_SIZE, num_chunks=None,
                  offload=False, layout=LAYOUT, select=SELECT, local_chunks=LOCAL_CHUNKS,
-                 select_layers=None):
+                 select_layers=None, full_chunks=None):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
@@ -213,12 +213,13 @@ class Llama(nn.Module):
         if not given:
             num_chunks = default_num_chunks(cfg.max_position_embeddings, chunk_size)
         check_config(cfg.num_attention_heads, cfg.num_key_value_heads, chunk_size, num_chunks,
-                     layout, select, local_chunks)
-        if (given or attention == "longheads") and \
-                chunk_size * num_chunks > cfg.max_position_embeddings:
-            raise ValueError(f"chunk_size x num_chunks = {chunk_size * num_chunks} exceeds the "
-                             f"model's trained length {cfg.max_position_embeddings}: LongHeads "
-                             f"would show it distances it never saw; use fewer or smaller chunks")
+                     layout, select, local_chunks, full_chunks)
+        widest = chunk_size * (full_chunks or num_chunks)  # the most positions a query sees
+        if (given or attention == "longheads") and widest > cfg.max_position_embeddings:
+            raise ValueError(f"chunk_size x {'full_chunks' if full_chunks else 'num_chunks'} = "
+                             f"{widest} exceeds the model's trained length "
+                             f"{cfg.max_position_embeddings}: LongHeads would show it distances "
+                             f"it never saw; use fewer or smaller chunks")
         layers = cfg.num_hidden_layers
         if select_layers is not None and not 0 <= select_layers[0] <= select_layers[1] < layers:
             raise ValueError(f"select_layers must be (first, last) with 0 <= first <= last <= "
@@ -232,6 +233,8 @@ class Llama(nn.Module):
         # select_layers=(first, last): only these layers select chunks by score; the others read
         # the window, chunk 0 and their newest chunks (None: every layer selects)
         self.select_layers = select_layers
+        # full_chunks=F: the queries of chunks 0..F-1 read every chunk (None: F = num_chunks)
+        self.full_chunks = full_chunks
         # num_chunks=None is the paper's rule: a budget of the trained length, so that nothing
         # changes for contexts the model was trained on
         self.num_chunks = num_chunks
@@ -245,13 +248,14 @@ class Llama(nn.Module):
         if self.attention == "full":
             make = lambda i: KVCache(*shape, inv_freq=cfg.inv_freq(max_len), dtype=dtype,
                                      device=device)
-        else:  # LongHeads never places a token further than chunk_size * num_chunks away
-            seen = min(max_len, self.chunk_size * self.num_chunks)
+        else:  # LongHeads never places a token further than chunk_size * F away
+            seen = min(max_len, self.chunk_size * (self.full_chunks or self.num_chunks))
             make = lambda i: LongHeadsCache(*shape, chunk_size=self.chunk_size,
                                             num_chunks=self.num_chunks, rope=cfg.inv_freq(seen),
                                             dtype=dtype, device=device, offload=self.offload,
                                             layout=self.layout, select=self.select,
-                                            local_chunks=self.layer_local_chunks(i))
+                                            local_chunks=self.layer_local_chunks(i),
+                                            full_chunks=self.full_chunks)
         return nn.ModuleList([make(i) for i in range(cfg.num_hidden_layers)])
 
     def layer_local_chunks(self, layer):
@@ -302,7 +306,8 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, path, *, device="cpu", dtype=None, attention="full",
                         chunk_size=CHUNK_SIZE, num_chunks=None, offload=False, layout=LAYOUT,
-                        select=SELECT, local_chunks=LOCAL_CHUNKS, select_layers=None):
+                        select=SELECT, local_chunks=LOCAL_CHUNKS, select_layers=None,
+                        full_chunks=None):
         """Load a Hugging Face Llama checkpoint directory (config.json + safetensors)."""
         check_device(device)
         path = Path(path)
@@ -311,7 +316,7 @@ class Llama(nn.Module):
         with torch.device("meta"):  # no memory yet: the checkpoint's tensors become the weights
             model = cls(cfg, attention=attention, chunk_size=chunk_size, num_chunks=num_chunks,
                         offload=offload, layout=layout, select=select, local_chunks=local_chunks,
-                        select_layers=select_layers)
+                        select_layers=select_layers, full_chunks=full_chunks)
         shapes = tensor_shapes(files)
         check_tensors(model, shapes)
         dtype = to_dtype(dtype) if dtype is not None else None

@@ -446,8 +446,18 @@ def load_model(args):
                                   num_chunks=args.num_chunks, offload=args.offload,
                                   layout=args.layout, select=args.select,
                                   local_chunks=args.local_chunks,
-                                  select_layers=args.select_layers)
+                                  select_layers=args.select_layers,
+                                  full_chunks=full_chunks(args, path))
     return model, Tokenizer(path), dtype
+
+
+def full_chunks(args, path):
+    """--full-chunks as a number: "trained" is as many chunks as the trained length holds."""
+    if args.full_chunks != "trained":
+        return args.full_chunks
+    from model import LlamaConfig, read_json
+    return LlamaConfig.from_dict(read_json(path / "config.json")).max_position_embeddings \
+        // args.chunk_size
 
 
 def check_model(model, tok, args):
@@ -550,6 +560,8 @@ def describe(model):
     """The LongHeads settings in one line, for the headers."""
     text = (f"chunk_size={model.chunk_size} num_chunks={model.num_chunks} layout={model.layout} "
             f"select={model.select} local_chunks={model.local_chunks}")
+    if model.full_chunks:
+        text += f" full_chunks={model.full_chunks}"
     layers = model.select_layers
     return text if layers is None else f"{text} select_layers={layers[0]}-{layers[1]}"
 
@@ -560,7 +572,7 @@ def settings(model):
         return {}
     return dict(chunk_size=model.chunk_size, num_chunks=model.num_chunks, layout=model.layout,
                 select=model.select, local_chunks=model.local_chunks,
-                select_layers=model.select_layers)
+                select_layers=model.select_layers, full_chunks=model.full_chunks)
 
 
 def summarize(records):
@@ -624,6 +636,15 @@ def add_longheads_args(p):
     p.add_argument("--select-layers", type=layer_range, metavar="FIRST-LAST", help="only these "
                    "layers select chunks; the others read chunk 0 and their newest chunks "
                    "(default: every layer selects)")
+    p.add_argument("--full-chunks", type=full_chunks_arg, metavar="F|trained", help="the "
+                   "queries of the first F chunks read every chunk, as full attention does; "
+                   "'trained': as many as the trained length holds (default: num_chunks)")
+
+
+def full_chunks_arg(text):
+    if text == "trained" or text.isdigit():
+        return text if text == "trained" else int(text)
+    raise argparse.ArgumentTypeError(f"expected a number of chunks or 'trained', got {text!r}")
 
 
 def layer_range(text):

@@ -111,7 +111,7 @@ def evaluate(model, tok, args):
 def label(record):
     """A line's name: the attention, and any LongHeads setting that is not the default."""
     defaults = dict(chunk_size=CHUNK_SIZE, layout=LAYOUT, select=SELECT, local_chunks=LOCAL_CHUNKS,
-                    select_layers=None)
+                    select_layers=None, full_chunks=None)
     if record["attention"] == "window":
         defaults["local_chunks"] = record["num_chunks"] - 1
     changed = [f"{k}={'-'.join(map(str, record[k])) if k == 'select_layers' else record[k]}"

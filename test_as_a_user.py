@@ -51,7 +51,7 @@ def test_a_second_generate_through_the_caches_continues_the_conversation(tiny, a
 # ----------------------------------------------------------------------------- gradients
 
 @GRAD_EXAMPLES
-@given(problems("small"), st.sampled_from(["function", "cache", "cuda layout"]))
+@given(problems("small", full=True), st.sampled_from(["function", "cache", "cuda layout"]))
 def test_gradients_through_the_fast_path_equal_the_references(problem, path):
     """tiled_attention and a fresh LongHeadsCache, past the budget, with grad on: the outputs of
     no_grad, and the q, k, v gradients of longheads_reference."""

@@ -37,8 +37,9 @@ PROPERTY = settings(max_examples=int(os.environ.get("LONGHEADS_EXAMPLES", 200)),
 
 
 @st.composite
-def problems(draw, budget):
-    """Random q, k, v (float64) and LongHeads settings; budget "all" or "small" vs T."""
+def problems(draw, budget, full=False):
+    """Random q, k, v (float64) and LongHeads settings; budget "all" or "small" vs T; full: also
+    full_chunks, often None (= num_chunks), else up to 3 chunks more."""
     B, Hkv, G = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3]))
     D = draw(st.sampled_from([2, 4, 8, 16]))
     w, K = draw(st.integers(1, 6)), draw(st.integers(3, 8))
@@ -53,8 +54,11 @@ def problems(draw, budget):
     v = torch.randn(B, Hkv, T, D, generator=gen, dtype=torch.float64)
     layout, select = draw(st.sampled_from(LAYOUTS)), draw(st.sampled_from(SELECTS))
     local = draw(st.sampled_from([2, 2, K - 1, draw(st.integers(2, K - 1))]))  # the paper's, often
-    return q, k, v, dict(chunk_size=w, num_chunks=K, rope_theta=theta, layout=layout, select=select,
-                         local_chunks=local)
+    opts = dict(chunk_size=w, num_chunks=K, rope_theta=theta, layout=layout, select=select,
+                local_chunks=local)
+    if full:
+        opts["full_chunks"] = draw(st.sampled_from([None, None, K + draw(st.integers(0, 3))]))
+    return q, k, v, opts
 
 
 def causal_rope_attention(q, k, v, rope_theta):
@@ -71,6 +75,17 @@ def causal_rope_attention(q, k, v, rope_theta):
 @given(problems("all"))
 def test_every_chunk_selected_is_causal_attention(attention, problem):
     q, k, v, opts = problem
+    expected = causal_rope_attention(q, k, v, opts["rope_theta"])
+    torch.testing.assert_close(attention(q, k, v, **opts), expected)
+
+
+@FAST
+@PROPERTY
+@given(problems("small"))
+def test_full_chunks_that_hold_the_prompt_are_causal_attention(attention, problem):
+    """full_chunks * chunk_size >= T: every query reads everything, whatever num_chunks is."""
+    q, k, v, opts = problem
+    opts["full_chunks"] = max(opts["num_chunks"], -(-q.shape[2] // opts["chunk_size"]))
     expected = causal_rope_attention(q, k, v, opts["rope_theta"])
     torch.testing.assert_close(attention(q, k, v, **opts), expected)
 
@@ -127,7 +142,7 @@ def test_causal_attention_after_a_prefix_is_the_masked_definition(T, prefix, Hkv
 
 
 @PROPERTY
-@given(problems("small"))
+@given(problems("small", full=True))
 def test_short_function_equals_reference(problem):
     q, k, v, opts = problem
     torch.testing.assert_close(longheads_attention(q, k, v, **opts),
@@ -135,7 +150,7 @@ def test_short_function_equals_reference(problem):
 
 
 @PROPERTY
-@given(problems("small"), st.integers(1, 7), st.sampled_from(["cpu", "cuda"]))
+@given(problems("small", full=True), st.integers(1, 7), st.sampled_from(["cpu", "cuda"]))
 def test_tiled_path_equals_reference(problem, block_size, for_device):
     """Both layouts of the work: the CPU's (whole rows, the fused kernel) and, on the CPU, the
     GPU's (tiles counted by a bound, the plain pieces)."""
@@ -155,7 +170,7 @@ def copyable_section():
 def test_the_copyable_section_runs_alone_and_equals_the_reference():
     section = copyable_section()
     # short enough to copy and read in one sitting, its argument checks included
-    assert len(section) <= 230, len(section)
+    assert len(section) <= 240, len(section)
     namespace = {}  # the section as a user copies it into an empty file: nothing added
     exec(compile("\n".join(section), "copied.py", "exec"), namespace)
     assert set(namespace) >= {"longheads_attention", "select_chunks", "chunk_summaries"}
@@ -217,7 +232,7 @@ def test_short_function_gradients_equal_the_reference():
 
 
 @PROPERTY
-@given(problems("small"), st.data())
+@given(problems("small", full=True), st.data())
 def test_prefill_equals_stepwise_decoding(problem, data):
     q, k, v, opts = problem
     B, H, T, D = q.shape
@@ -326,6 +341,7 @@ def test_rope_tables_inverse_frequencies_and_theta_agree(attention):
     (dict(select="best"), "select must be one of summary, maxkey"),
     (dict(local_chunks=3), "local_chunks must lie in"),
     (dict(local_chunks=1, num_chunks=4), "local_chunks must lie in"),
+    (dict(full_chunks=2), r"full_chunks must be None or an integer >= num_chunks \(3\)"),
     (dict(rope=torch.ones(3)), r"rope: need \(4,\) inverse frequencies or cos/sin tables"),
     (dict(rope=(torch.ones(4, 8), torch.ones(4, 8))), r"they make cos \(4, 8\)"),
 ])

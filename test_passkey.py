@@ -249,6 +249,7 @@ def test_the_demo_retrieves_with_the_retrieval_setting_and_names_it():
     model = type("M", (), dict(config=type("C", (), dict(max_position_embeddings=8192))))()
     model.chunk_size, model.num_chunks, model.layout = 128, 8, "score"
     model.select, model.local_chunks, model.select_layers = "summary", 2, None
+    model.full_chunks = None
     lines = passkey.header(model, args, torch.float32).split("\n")
     assert lines[1] == ("LongHeads, retrieval setting: chunk_size=128 num_chunks=8 layout=score "
                         "select=summary local_chunks=2")

@@ -59,13 +59,14 @@ class LongHeadsCache(torch.nn.Module):
     def __init__(self, batch, num_heads, num_kv_heads, max_len, head_dim, *, num_chunks,
                  chunk_size=CHUNK_SIZE, rope=None, rope_theta=10000.0, block_size=None,
                  dtype=torch.float32, device=None, offload=False, layout=LAYOUT, select=SELECT,
-                 local_chunks=LOCAL_CHUNKS, for_device=None):
+                 local_chunks=LOCAL_CHUNKS, full_chunks=None, for_device=None):
         super().__init__()
         device = torch.device(device or "cpu")
         check_config(num_heads, num_kv_heads, chunk_size, num_chunks, layout, select,
-                     local_chunks)
+                     local_chunks, full_chunks)
         check_cache_options(block_size, device, offload, select, for_device)
         self.w, self.K, self.G = chunk_size, num_chunks, num_heads // num_kv_heads
+        self.F = full_chunks or num_chunks  # the queries of chunks 0..F-1 read everything
         self.layout, self.select, self.local_chunks = layout, select, local_chunks
         # the work laid out as for a GPU (tiles, the plain pieces, no waits) or for a CPU; the
         # device's own unless for_device says otherwise (the tests run the GPU's on the CPU)
@@ -74,7 +75,7 @@ class LongHeadsCache(torch.nn.Module):
                                                            num_chunks, self.cuda_layout)
         self.max_len, self.length = max_len, 0
         n = -(-max_len // chunk_size)  # chunks, the last one possibly partial
-        near_end = min(num_chunks * chunk_size, max_len)  # the first K chunks' tokens end here
+        near_end = min(self.F * chunk_size, max_len)  # the first F chunks' tokens end here
         self.kv = ChunkedKV(batch, num_kv_heads, n * chunk_size, head_dim, chunk_size, dtype,
                             device, offload)
         wide = torch.promote_types(dtype, torch.float32)  # summaries and scores: float32 or wider
@@ -84,7 +85,7 @@ class LongHeadsCache(torch.nn.Module):
             # the raw queries of the unfinished chunk: its summary will need them
             q_tail=torch.zeros(batch, num_kv_heads, self.G, chunk_size, head_dim, dtype=dtype,
                                device=device),
-            # the first K chunks' keys also at their true positions: their queries read them so
+            # the first F chunks' keys also at their true positions: their queries read them so
             k_true=torch.zeros(batch, num_kv_heads, near_end, head_dim, dtype=dtype,
                                device=device))
         # (near_end, D) each: every position a query or a key can get
@@ -101,7 +102,7 @@ class LongHeadsCache(torch.nn.Module):
         qg = q.reshape(B, -1, self.G, T, D)  # (B, Hkv, G, T, D): head h reads kv head h // G
         self._store(qg, k, v)
         out = q.new_empty(B, H, T, D)
-        n_near = min(T, max(0, self.K * self.w - start))  # queries in the first K chunks
+        n_near = min(T, max(0, self.F * self.w - start))  # queries in the first F chunks
         if n_near:
             out[:, :, :n_near] = attend_first_chunks(self, q[:, :, :n_near], start)
         outg = out.view(B, -1, self.G, T, D)  # (B, Hkv, G, T, D)
@@ -232,8 +233,8 @@ def default_block_size(query_heads, chunk_size, num_chunks, cuda_layout=False):
 # ----------------------------------------------------------------------------- one block
 
 def attend_first_chunks(cache, q, s):
-    """§2, g < K: queries s.. (B, H, b, D) read every chunk at true positions: causal attention
-    over the first K chunks' keys, which the cache also keeps at their true positions."""
+    """§2, g < F: queries s.. (B, H, b, D) read every chunk at true positions: causal attention
+    over the first F chunks' keys, which the cache also keeps at their true positions."""
     e = s + q.shape[2]
     v = cache.kv.span(0, e, with_keys=False)[0]  # (B, Hkv, e, D)
     q = apply_rope(q, cache.cos[s:e], cache.sin[s:e])  # (B, H, b, D)
@@ -241,7 +242,7 @@ def attend_first_chunks(cache, q, s):
 
 
 def attend_block(cache, q, s, e):
-    """Queries s..e-1, all past the first K chunks, q: (B, Hkv, G, b, D) -> their outputs.
+    """Queries s..e-1, all past the first F chunks, q: (B, Hkv, G, b, D) -> their outputs.
 
     Every query reads its own K chunks, exactly: its own chunk (causal) from one window of keys
     shared by the block, and the other K - 1 as (query, chunk) pairs laid out in rows by chunk
@@ -327,7 +328,7 @@ def own_chunk(cache, q, s, e):
 
 def tiled_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_theta=10000.0,
                     rope=None, block_size=None, layout=LAYOUT, select=SELECT,
-                    local_chunks=LOCAL_CHUNKS, for_device=None):
+                    local_chunks=LOCAL_CHUNKS, full_chunks=None, for_device=None):
     """longheads_attention through the fast path: a LongHeadsCache used once.
 
     The same arguments, and block_size: queries per block (default_block_size), which bounds the
@@ -339,7 +340,8 @@ def tiled_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_theta=10
     cache = LongHeadsCache(B, H, k.shape[1], T, D, chunk_size=chunk_size, num_chunks=num_chunks,
                            rope=rope, rope_theta=rope_theta, block_size=block_size, dtype=q.dtype,
                            device=q.device, layout=layout, select=select,
-                           local_chunks=local_chunks, for_device=for_device)
+                           local_chunks=local_chunks, full_chunks=full_chunks,
+                           for_device=for_device)
     return cache(q, k, v)
 
 
