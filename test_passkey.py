@@ -70,6 +70,14 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(tokenizer):
 
 
 @needs_model
+@pytest.mark.parametrize("text", ["tle ones, and the rest", "xylophone", " The grass", "\nThe"])
+def test_continuation_takes_any_text_even_mid_word(tokenizer, text):
+    """A piece that starts mid-word ("tle" of "little") would merge with the head the ids are
+    cut from; it is tokenized after a line break instead, and round-trips."""
+    assert tokenizer.decode(tokenizer.continuation(text)) == text
+
+
+@needs_model
 @pytest.mark.parametrize("length", [300, 1000, 2049])
 @pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("haystack, wording", [("filler", "passkey"), ("facts", "code"),

@@ -63,12 +63,16 @@ class Tokenizer:
 
     def continuation(self, text):
         """The ids of text as they come in the middle of a longer text (no BOS, and no extra
-        space token: a sentencepiece model would otherwise add its word-start marker again)."""
-        head = self.encode("x", bos=False)
-        ids = self.encode("x" + text, bos=False)
-        if ids[:len(head)] != head:
-            raise ValueError(f"cannot tokenize {text!r} as a continuation")
-        return ids[len(head):]
+        space token: a sentencepiece model would otherwise add its word-start marker again).
+        The text is encoded after a head that is then cut off: "x", or where text starts
+        mid-word and would merge with it ("tle ones"), a line break."""
+        for head_text in ("x", "\n"):
+            head = self.encode(head_text, bos=False)
+            ids = self.encode(head_text + text, bos=False)
+            if ids[:len(head)] == head:
+                return ids[len(head):]
+        raise ValueError(f"cannot tokenize {text!r} as a continuation: it merges with any "
+                         f"text before it")
 
     def decode(self, ids):
         ids = [int(i) for i in ids]
