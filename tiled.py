@@ -25,6 +25,9 @@ fresh cache (tiled_attention, a model's forward without caches), and equal the r
 autograd on, a cache refuses a second call, which would write over what the first one's
 backward pass reads (check_grad_call).
 
+torch.compile runs through it: the graph breaks where pack reads row lengths from the data, and
+so that dynamo can break there, no generator object is alive across it (lists, not generators).
+
 Shapes as in longheads.py; here also b queries in a block, m chunks up to a block's last query,
 P (query, chunk) pairs of a block.
 """
