@@ -33,6 +33,9 @@ Plain PyTorch (CPU and CUDA), written to be read; not a kernel.
 """
 
 # ============================================================================ copy from here
+# RoPE here rotates halves (dims i and i + D/2), as Hugging Face does. For interleaved pairs
+# (dims 2i, 2i + 1), reorder q, k and v to halves, x.unflatten(-1, (-1, 2)).transpose(-1, -2)
+# .flatten(-2), and the output back (README: "What a copier must know").
 import math
 
 import torch

@@ -183,6 +183,32 @@ def test_the_copyable_section_runs_alone_and_equals_the_reference():
                                    longheads_reference(q, k, v, **opts))
 
 
+def interleaved_rope(x, cos, sin):
+    """RoPE on interleaved pairs (dims 2i, 2i + 1), as Meta's Llama code and gpt-fast rotate, from
+    the same (.., D) tables, whose first D/2 columns hold the pairs' angles."""
+    c, s = cos[..., :x.shape[-1] // 2], sin[..., :x.shape[-1] // 2]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack([even * c - odd * s, even * s + odd * c], -1).flatten(-2)
+
+
+def test_interleaved_rope_model_uses_the_function_after_two_reorders(monkeypatch):
+    """The README's two lines: q, k, v reordered from interleaved pairs to halves, the output
+    back, give the attention of an interleaved-RoPE model, held to the reference with its
+    rotation made interleaved, past the budget; without v's reorder the summaries differ."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 45, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 45, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    opts = dict(chunk_size=4, num_chunks=4, rope_theta=100.0)
+    q2, k2, v2 = [x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2) for x in (q, k, v)]
+    got = longheads_attention(q2, k2, v2, **opts).unflatten(-1, (2, -1)).transpose(-1, -2)
+    got = got.flatten(-2)
+    qk_only = longheads_attention(q2, k2, v, **opts)
+    monkeypatch.setattr(longheads, "apply_rope", interleaved_rope)
+    expected = longheads.longheads_reference(q, k, v, **opts)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(qk_only, expected)
+
+
 def test_the_method_imports_nothing_from_the_fast_path():
     """longheads.py needs math and torch only; tiled.py builds on it, never the other way."""
     tree = ast.parse(inspect.getsource(longheads))
