@@ -71,14 +71,14 @@ NEW_TOKENS = 10  # enough for a 5-digit key, one digit per token, and a leading 
 SEGMENT = 2048  # tokens per prefill call (prefill())
 # LongHeads' two named settings, each for what it serves (README: "Which setting")
 SETTINGS = {
-    "retrieval": dict(chunk_size=128, num_chunks=8, layout="score",
+    "retrieval": dict(chunk_size=128, num_chunks=8, layout="score", full_chunks=None,
                       why="a 1024-token budget, what this 135M model retrieves over "
                           "(RESULTS.md §2)"),
-    "paper": dict(chunk_size=CHUNK_SIZE, num_chunks=None, layout=LAYOUT,
+    "paper": dict(chunk_size=CHUNK_SIZE, num_chunks=None, layout=LAYOUT, full_chunks=None,
                   why="the paper's rule, a budget of the trained length: exact inside it, flat "
                       "perplexity past it (RESULTS.md §1)"),
 }
-SETTING_OPTIONS = ("chunk_size", "num_chunks", "layout")
+SETTING_OPTIONS = ("chunk_size", "num_chunks", "layout", "full_chunks")
 
 
 class UsageError(Exception):
@@ -673,9 +673,10 @@ def parse_args(argv=None):
                    "the prompt's last tokens, up to the trained length (no long context at all: "
                    "the bar LongHeads has to clear); both: full and longheads")
     p.add_argument("--setting", choices=SETTINGS, default="retrieval",
-                   help="LongHeads' chunk size, chunks and layout: retrieval (what this model "
-                   "retrieves over) or paper (the paper's rule, the library's default); the "
-                   "three flags below override it one by one")
+                   help="LongHeads' chunk size, chunks, layout and full chunks: retrieval (what "
+                   "this model retrieves over) or paper (the paper's rule, the library's "
+                   "default); --chunk-size, --num-chunks, --layout and --full-chunks override "
+                   "it one by one")
     p.add_argument("--chunk-size", type=int, help="tokens per chunk")
     p.add_argument("--num-chunks", type=int, help="chunks per head (paper: trained length / "
                    "chunk size)")
