@@ -40,12 +40,28 @@ def test_cuda_prefill_equals_decoding():
 
 @cuda
 def test_cuda_bfloat16_stays_close_to_float32():
-    q, k, v = random_qkv(512, D=64, dtype=torch.float32, device="cuda")
+    assert_bfloat16_rows_close("cuda", None)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bfloat16_in_the_gpu_layout_stays_close_to_float32_on_the_cpu(seed):
+    """The same check as on a GPU, in the GPU's layout on the CPU, where it can run anywhere."""
+    assert_bfloat16_rows_close("cpu", "cuda", seed)
+
+
+def assert_bfloat16_rows_close(device, for_device, seed=0):
+    """bfloat16 rounds scores enough to flip a few queries' choice of chunk, and such a query's
+    output moves by up to a third (0.34 seen): so not every row is close, but nearly all are
+    (2 in 1000 over 0.05 seen) and the typical one closely (median 0.002 seen)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = [torch.randn(1, h, 512, 64, generator=gen).to(device) for h in (4, 2, 2)]
     opts = dict(chunk_size=32, num_chunks=5)
     exact = longheads_attention(q, k, v, **opts)
-    low = tiled_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), **opts)
+    low = tiled_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), for_device=for_device,
+                          **opts)
     assert low.dtype == torch.bfloat16
-    assert (low.float() - exact).abs().max() < 0.05
+    rows = (low.float() - exact).abs().amax(-1)  # (B, H, T): each query's largest error
+    assert (rows > 0.05).float().mean() < 0.01 and rows.median() < 0.005
 
 
 @cuda
