@@ -41,3 +41,12 @@ def test_bench_refuses_a_time_limit_that_is_not_positive(capsys):
             bench.parse_args([flag, "0"])
         assert stop.value.code == 2
         assert "must be positive seconds" in capsys.readouterr().err
+
+
+def test_the_bench_warm_up_reaches_the_blocks_that_select():
+    """A LongHeads warm-up longer than the budget (chunk_size x num_chunks), so that the timed
+    prefill pays none of the selecting blocks' one-time costs; full attention's stays short."""
+    import bench
+    assert bench.warmup_tokens("longheads", 32768, 256, 16) > 256 * 16
+    assert bench.warmup_tokens("longheads", 2048, 256, 16) == 2048  # never past the prompt
+    assert bench.warmup_tokens("full", 32768, 256, 16) == bench.WARMUP_TOKENS
