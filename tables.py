@@ -1,0 +1,171 @@
+"""The tables of RESULTS.md and README.md, made from the committed records in results/.
+
+Every record is one trial as passkey.py --json wrote it, the command that made it inside. The
+Markdown files call these functions from cog blocks (cogapp): `cog -r RESULTS.md README.md`
+rewrites the tables from the records, and `cog --check RESULTS.md README.md` (in the test suite)
+fails when a table and its records disagree.
+
+    python tables.py        # print every table
+"""
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+# LONGHEADS_RESULTS: another folder of records (the test that a changed record fails the check)
+RESULTS = Path(os.environ.get("LONGHEADS_RESULTS", Path(__file__).parent / "results"))
+FULL_LENGTH = 8192  # the trained length of the default model: where full attention is the bar
+
+
+def records(pattern="distractors-*.json"):
+    """Every trial of the record files matching pattern, in file order."""
+    return [r for file in sorted(RESULTS.glob(pattern)) for r in json.loads(file.read_text())]
+
+
+def setting(r):
+    """A record's attention in a few words: full, truncated, or LongHeads' w x K and options."""
+    if r["attention"] != "longheads":
+        return r["attention"]
+    words = [f"{r['chunk_size']} × {r['num_chunks']}", r["layout"]]
+    if r["select"] != "summary":
+        words.append(r["select"])
+    if r.get("full_chunks"):
+        words.append(f"full {r['full_chunks']}")
+    return " ".join(words)
+
+
+def prompt(r):
+    return f"{r['haystack']}, {r['wording']}"
+
+
+def cell(rs):
+    """'asked/trials' and, where some answer was another key, '(n wrong key)'."""
+    ok, wrong = sum(r["correct"] for r in rs), sum(r["outcome"] == "wrong key" for r in rs)
+    return f"{ok}/{len(rs)}" + (f" ({wrong} wrong key)" if wrong else "")
+
+
+def distractor_table():
+    """Settings x (length, prompt, distractors): the asked key found, of the trials; "= full"
+    where a setting reads everything at that length (full_chunks), so full attention's cell holds
+    (the tests prove the equality)."""
+    rs = records()
+    columns = sorted({(r["length"], prompt(r), len(r["distractors"])) for r in rs},
+                     key=lambda c: (c[0], c[1] != "filler, passkey", c[1], c[2]))
+    cells = defaultdict(list)
+    for r in rs:
+        cells[setting(r), (r["length"], prompt(r), len(r["distractors"]))].append(r)
+    rows = sorted({setting(r) for r in rs}, key=setting_order)
+    head = ["setting"] + [f"{n // 1024}k {p}, {d}" for n, p, d in columns]
+    lines = [row_line(head), row_line(["---"] * len(head))]
+    for s in rows:
+        lines.append(row_line([s] + [cell(cells[s, c]) if cells[s, c] else
+                                     "= full" if c[0] <= reads_all_below(s) else "–"
+                                     for c in columns]))
+    return "\n".join(lines)
+
+
+def reads_all_below(s):
+    """The prompt length up to which a setting reads every token, as full attention does: a
+    full_chunks setting's F x chunk_size ("128 × 8 score full 64": 8192), else 0."""
+    words = s.split()
+    if "full" not in words[1:]:
+        return 0
+    return int(words[0]) * int(words[words.index("full", 1) + 1])
+
+
+def agreement_table(length=FULL_LENGTH):
+    """At the trained length, for each setting: the asked key found on the prompts where full
+    attention finds it, and the answers equal to full attention's on every prompt."""
+    rs = [r for r in records() if r["length"] == length]
+    full = {trial_id(r): r for r in rs if r["attention"] == "full"}
+    rows = defaultdict(list)
+    for r in rs:
+        if r["attention"] != "full" and trial_id(r) in full:
+            rows[setting(r)].append((r, full[trial_id(r)]))
+    lines = [row_line(["setting", "where full finds it", "same answer as full"]),
+             row_line(["---"] * 3)]
+    for s in sorted(rows, key=setting_order):
+        pairs = rows[s]
+        where = [r for r, f in pairs if f["correct"]]
+        same = sum(first_number(r) == first_number(f) for r, f in pairs)
+        lines.append(row_line([s, f"{sum(r['correct'] for r in where)}/{len(where)}",
+                               f"{same}/{len(pairs)}"]))
+    return "\n".join(lines)
+
+
+def answer_table(length=FULL_LENGTH, haystack="filler", wording="passkey", distractors=1):
+    """Which key each setting answers, per asked key: 'a' the asked one, or the depth of the key
+    it gave; each document's keys sit at the depths named in the column."""
+    rs = [r for r in records() if (r["length"], r["haystack"], r["wording"],
+                                   len(r["distractors"])) == (length, haystack, wording,
+                                                              distractors)]
+    asked = sorted({(r["depth"], tuple(sorted(d["depth"] for d in r["distractors"])))
+                    for r in rs})
+    head = ["setting"] + [f"asked {d:g} (other {', '.join(f'{o:g}' for o in others)})"
+                          for d, others in asked]
+    lines = [row_line(head), row_line(["---"] * len(head))]
+    by = {(setting(r), r["depth"]): r for r in rs}
+    for s in sorted({setting(r) for r in rs}, key=setting_order):
+        lines.append(row_line([s] + [answered(by.get((s, d))) for d, _ in asked]))
+    return "\n".join(lines)
+
+
+def binding_table():
+    """Per setting and length, over the documents asked more than once (trials whose keys sit at
+    the same places ask for different keys of one document): in how many every question got its
+    own key (the label was read), and in how many every question got the same key (it was not)."""
+    docs = defaultdict(list)
+    for r in records():
+        if r["distractors"]:
+            places = tuple(sorted([r["depth"]] + [d["depth"] for d in r["distractors"]]))
+            docs[setting(r), r["length"], prompt(r), places].append(r)
+    cells = defaultdict(lambda: [0, 0, 0])  # (setting, length): documents, own key, same key
+    for (s, length, *_), rs in docs.items():
+        if len(rs) > 1:
+            cell = cells[s, length]
+            cell[0] += 1
+            cell[1] += all(r["correct"] for r in rs)
+            cell[2] += len({first_number(r) for r in rs}) == 1
+    lines = [row_line(["setting", "length", "documents asked twice or more",
+                       "each question its own key", "every question the same key"]),
+             row_line(["---"] * 5)]
+    for (s, length), (n, own, same) in sorted(cells.items(),
+                                              key=lambda c: (c[0][1], setting_order(c[0][0]))):
+        lines.append(row_line([s, f"{length // 1024}k", str(n), str(own), str(same)]))
+    return "\n".join(lines)
+
+
+def answered(r):
+    """'asked', the depth of the distractor whose key the answer was, or 'none'."""
+    if r is None:
+        return "–"
+    if r["correct"]:
+        return "asked"
+    depth = {d["key"]: d["depth"] for d in r["distractors"]}.get(first_number(r))
+    return "none" if depth is None else f"key at {depth:g}"
+
+
+def first_number(r):
+    digits = "".join(c if c.isdigit() else " " for c in r["output"]).split()
+    return int(digits[0]) if digits else None
+
+
+def trial_id(r):
+    return r["length"], r["haystack"], r["wording"], len(r["distractors"]), r["depth"], r["key"]
+
+
+def setting_order(s):
+    """full and truncated first, then LongHeads by budget, then by name."""
+    if s in ("full", "truncated"):
+        return (0, s)
+    w, _, k = s.split()[:3]
+    return (1, int(w) * int(k), s)  # "128 × 8 ..."
+
+
+def row_line(cells):
+    return "| " + " | ".join(cells) + " |"
+
+
+if __name__ == "__main__":
+    for table in (distractor_table, agreement_table, answer_table, binding_table):
+        print(table(), end="\n\n")
