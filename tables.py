@@ -46,8 +46,9 @@ def cell(rs):
 
 def distractor_table():
     """Settings x (length, prompt, distractors): the asked key found, of the trials; "= full"
-    where a setting reads everything at that length (full_chunks), so full attention's cell holds
-    (the tests prove the equality)."""
+    where a setting reads everything at that length (truncated, or LongHeads with the prompt
+    inside chunk_size x max(num_chunks, full_chunks)), so full attention's cell holds (the tests
+    prove the equality)."""
     rs = records()
     columns = sorted({(r["length"], prompt(r), len(r["distractors"])) for r in rs},
                      key=lambda c: (c[0], c[1] != "filler, passkey", c[1], c[2]))
@@ -59,18 +60,20 @@ def distractor_table():
     lines = [row_line(head), row_line(["---"] * len(head))]
     for s in rows:
         lines.append(row_line([s] + [cell(cells[s, c]) if cells[s, c] else
-                                     "= full" if c[0] <= reads_all_below(s) else "–"
-                                     for c in columns]))
+                                     "= full" if s != "full" and c[0] <= reads_all_below(s)
+                                     else "–" for c in columns]))
     return "\n".join(lines)
 
 
 def reads_all_below(s):
-    """The prompt length up to which a setting reads every token, as full attention does: a
-    full_chunks setting's F x chunk_size ("128 × 8 score full 64": 8192), else 0."""
+    """The prompt length up to which a setting reads every token, as full attention does: the
+    trained length for truncated, chunk_size x max(num_chunks, full_chunks) for LongHeads
+    ("128 × 8 score full 64": 8192)."""
+    if s in ("full", "truncated"):
+        return FULL_LENGTH
     words = s.split()
-    if "full" not in words[1:]:
-        return 0
-    return int(words[0]) * int(words[words.index("full", 1) + 1])
+    chunks = int(words[words.index("full") + 1]) if "full" in words else int(words[2])
+    return int(words[0]) * chunks
 
 
 def agreement_table(length=FULL_LENGTH):

@@ -12,7 +12,7 @@ from longheads import longheads_attention, longheads_reference
 from test_longheads import problems, save_checkpoint
 from tiled import LongHeadsCache, tiled_attention
 
-GRAD_EXAMPLES = settings(max_examples=25, deadline=None)  # each runs the slow reference twice
+GRAD_EXAMPLES = settings(max_examples=12, deadline=None)  # each runs the slow reference twice
 SMALL = dict(chunk_size=8, num_chunks=4)  # a budget of 32 tokens: the prompts below pass it
 
 
