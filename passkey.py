@@ -112,14 +112,15 @@ def trial_needles(seed, length, depth, trial, distractors=0):
         return [Needle(depth, trial_key(seed, length, depth, trial))]
     n = distractors + 1
     depths = [depth] + [round((depth + j / n) % 1.0, 6) for j in range(1, n)]
-    labels = random.Random(f"{seed}-{length}-{sorted(depths)}-{trial}").sample(LABELS, n)
-    keys = {}
-    for d in sorted(depths):  # distinct keys: a collision moves the later one on
+    places = sorted(depths)  # what the trials of one document share
+    labels = random.Random(f"{seed}-{length}-{places}-{trial}").sample(LABELS, n)
+    needle = {}
+    for d, label in zip(places, labels):
         key = trial_key(seed, length, d, trial)
-        while key in keys.values():
+        while key in [other.key for other in needle.values()]:  # distinct: the later moves on
             key = key % 89999 + 10001  # stays five digits
-        keys[d] = key
-    return [Needle(d, keys[d], labels[sorted(depths).index(d)]) for d in depths]
+        needle[d] = Needle(d, key, label)
+    return [needle[d] for d in depths]
 
 
 def prompt_parts(tok, length, needles, haystack="filler", wording="passkey"):
@@ -537,10 +538,10 @@ def record(output, needles, seconds, **run):
     """One trial's JSON record: the run's fields, the asked key and label, the distractors, the
     output and its outcome (outcome())."""
     asked, *others = needles
+    result = outcome(output, needles)
     return dict(**run, depth=asked.depth, key=asked.key, label=asked.label,
-                distractors=[n._asdict() for n in others], output=output,
-                outcome=outcome(output, needles), correct=outcome(output, needles) == "yes",
-                seconds=round(seconds, 2))
+                distractors=[n._asdict() for n in others], output=output, outcome=result,
+                correct=result == "yes", seconds=round(seconds, 2))
 
 
 def outcome(output, needles):

@@ -193,7 +193,7 @@ class ChunkedKV(torch.nn.Module):
             rows = rows.cpu()  # why: the CPU must know what to send; offloading's wait a block
         # (B * Hkv * n, w, D) -> (len(rows), w, D) each; why no reused buffer under autograd:
         # a backward pass needs what each gather returned, and out= has no gradient
-        reuse = not (torch.is_grad_enabled() and self.k.requires_grad)
+        reuse = not records_grad(self.k)
         gathered = [torch.index_select(x.view(-1, *shape[1:]), 0, rows,
                                        out=self._stage(name, shape, x) if reuse else None)
                     for name, x in [("k", self.k), ("v", self.v)]]
@@ -388,8 +388,7 @@ def attention_lse(q, k, v, mask=None, fused=True):
     wide = torch.promote_types(q.dtype, torch.float32)
     # why not under autograd: the kernel's backward takes no gradient of the log-sum-exp, and
     # merge's weights are made of it
-    tracking = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    if fused and q.device.type == "cpu" and FUSED_CPU is not None and not tracking:
+    if fused and q.device.type == "cpu" and FUSED_CPU is not None and not records_grad(q, k):
         bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(
             ~mask, float("-inf"))  # (Q, S): the kernel takes an additive mask of q's dtype
         # one head each: (N, 1, Q, D) against (N, 1, S, D)
@@ -486,11 +485,15 @@ def check_cache_options(block_size, device, offload, select, for_device):
                          "to the GPU at every block: use select='summary' with offload")
 
 
+def records_grad(*tensors):
+    """Whether autograd records what is computed from these tensors now."""
+    return torch.is_grad_enabled() and any([x.requires_grad for x in tensors])
+
+
 def check_grad_call(length, q, k, v):
     """With autograd on, a cache (of either kind) takes one call, the whole sequence: a later call
     writes its buffers in place, under what the first call's backward pass reads."""
-    if length and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                or v.requires_grad):
+    if length and records_grad(q, k, v):
         raise ValueError(f"the cache holds {length} tokens, and with autograd on a cache takes "
                          f"the whole sequence in one call: feed later tokens under "
                          f"torch.no_grad(), or the whole sequence to a new cache")
