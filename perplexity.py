@@ -100,7 +100,8 @@ def evaluate(model, tok, args):
                 buckets = bucket_means(nll.cpu(), edges)
                 records.append(dict(length=length, doc=doc, attention=attention,
                                     **passkey.settings(model),
-                                    buckets=buckets, seconds=round(seconds, 1)))
+                                    buckets=buckets, seconds=round(seconds, 1),
+                                    command=args.command))
                 print(f"{doc:>3} {attention:<10}" + "".join(f"{b['nll']:>11.3f}" for b in buckets)
                       + f"{seconds:>9.0f}", flush=True)
                 if args.json:
@@ -174,7 +175,9 @@ def parse_args(argv=None):
     p.add_argument("--plot", help="write perplexity against position (PNG; needs matplotlib)")
     p.add_argument("--replot", nargs="+", metavar="JSON", help="no run: plot the records of these "
                    "--json files together (to --plot)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.command = " ".join(["python perplexity.py", *(sys.argv[1:] if argv is None else argv)])
+    return args
 
 
 def main(argv=None):
