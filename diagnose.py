@@ -178,7 +178,7 @@ def selection(cache, q, t):
 def query_scores(cache, q, t):
     """The scores (H, 1, g - 2) of candidates 1..g-2 for query t, q (H, D), as the cache scores."""
     qg = q.view(1, -1, cache.G, 1, q.shape[-1])  # (1, Hkv, G, 1, D), as the cache groups heads
-    return score_candidates(cache, qg, t // cache.w - 1).flatten(0, 2)
+    return score_candidates(cache, qg, t // cache.w - 2).flatten(0, 2)
 
 
 def key_chunk_place(cache, q, t, key_tokens):

@@ -15,6 +15,15 @@ distances, so keys are rotated once, to their offset in their chunk, and the que
 rest: against rank r it is rotated to (K - 1 - r) * w + o. DESIGN.md, in this repository, is the
 specification; its sections are cited as §n.
 
+Short names, one meaning each, here and in tiled.py:
+    B batch, H query heads, Hkv key/value heads, G = H // Hkv query heads per key/value head,
+    T tokens, D head dim, w chunk size (chunk_size), K chunks a query reads (num_chunks),
+    F chunks whose queries read everything (full_chunks, default K), n chunks in the context
+    (the last one may be partial), g a query's own chunk, o its offset in it, r a rank,
+    S candidates scored: a table of scores (..., S) holds chunks 1..S, chunk j in column j - 1,
+    b queries scored together, U chunks in the union a head's b queries picked;
+    tiled.py adds m, chunks up to a block's last query, and P, (query, chunk) pairs.
+
 longheads_attention, the section to copy (math and torch only), takes a chunk of queries at a
 time: per head, the union of the chunks its w queries picked (U chunks) is gathered once, every
 query scores all U * w keys, and the keys of chunks it did not pick are masked. Slot 0 of the
@@ -22,13 +31,9 @@ union is always the own chunk g (every query picks it), so the causal mask appli
 alone. Masked scores are wasted work, and the code stays short and exact; tiled.py, the fast
 path, reads only what each query picked. Autograd works through longheads_attention. Without
 autograd its memory is linear in T; with it, what every chunk computed is kept for the backward
-pass, which grows about as T^2 (85, 307, 1159 MiB saved at T = 1k, 2k, 4k; 4 heads of 64,
-4 chunks of 128).
+pass, which grows about as T^2.
 After the section: the rules every entry point shares (the paper's number of chunks, argument
 checks) and longheads_reference, a slow per-query loop written from DESIGN.md: the test oracle.
-
-Shapes: B batch, H query heads, Hkv key/value heads, G = H // Hkv query heads per key/value head,
-T tokens, D head dim, w chunk size, n chunks, K chunks per query, b queries scored together.
 Plain PyTorch (CPU and CUDA), written to be read; not a kernel.
 """
 
@@ -86,7 +91,13 @@ def apply_rope(x, cos, sin):
 
 def chunk_summaries(q, k, v):
     """§1: q (B, Hkv, G, n, w, D), k and v (B, Hkv, 1, n, w, D), all at chunk-local positions,
-    n chunks -> one summary key per chunk and query head (B, Hkv, G, n, D), float32 or wider."""
+    n chunks -> one summary key per chunk and query head (B, Hkv, G, n, D), float32 or wider.
+
+    Why a mean attention *output* may query keys (the paper's choice; its code does the same):
+    the summary is a softmax-weighted mean of the chunk's own keys, so it lies among keys, and
+    q . summary is an attention score, whatever chose the weights. The chunk query only chooses
+    them: the chunk's tokens, reading their own chunk, produce outputs; their mean stands for
+    what the chunk as a whole says, and the keys most aligned with it weigh most."""
     q, k, v = [x.to(torch.promote_types(q.dtype, torch.float32)) for x in (q, k, v)]
     scale = 1.0 / math.sqrt(q.shape[-1])
     inner = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # (B, Hkv, G, n, w, w)
@@ -96,37 +107,41 @@ def chunk_summaries(q, k, v):
 
 
 def candidate_scores(q, summaries, keys, rope_w, select=SELECT):
-    """§2: how well chunks 1..c-1 suit raw queries q (B, Hkv, G, b, D): (B, Hkv, G, b, c - 1).
+    """§2: how well candidates 1..S suit raw queries q (B, Hkv, G, b, D): (B, Hkv, G, b, S),
+    chunk j in column j - 1 (S, as everywhere: the number of chunks scored).
 
-    "summary": q . summary key, summaries (B, Hkv, G, c, D) of chunks 0..c-1; q stays raw, as a
-    candidate's place is not known yet, and unscaled, as only the order matters. "maxkey": the
-    chunk's best key, keys (B, Hkv, c * w, D) at chunk-local positions, q rotated to position w
-    (rope_w: its cos and sin, each (D,)), so that the distances are 1..w."""
-    c = summaries.shape[-2]
+    "summary": q . summary key, summaries (B, Hkv, G, S + 1, D) of chunks 0..S; unscaled, as only
+    the order matters. Why the raw query, against summaries of keys rotated to their offsets
+    0..w-1 in their chunk: where a candidate will sit in the view is not known before it is
+    picked, so every candidate is scored as if the query stood just before its chunk (the raw
+    query is the query at position 0): the same small distances for all, a fair comparison.
+    "maxkey": the chunk's best key, keys (B, Hkv, (S + 1) * w, D) at chunk-local positions, q
+    rotated to position w (rope_w: its cos and sin, each (D,)), so that the distances are 1..w."""
+    S = summaries.shape[-2] - 1
     if select == "summary":
-        return q.to(summaries.dtype) @ summaries[..., 1:, :].transpose(-1, -2)  # (.., b, c - 1)
+        return q.to(summaries.dtype) @ summaries[..., 1:, :].transpose(-1, -2)  # (.., b, S)
     qw = apply_rope(q, *rope_w).to(summaries.dtype)  # (B, Hkv, G, b, D)
-    w = keys.shape[2] // c
-    k = keys[:, :, None, w:].to(summaries.dtype)  # (B, Hkv, 1, (c - 1) * w, D): chunks 1..c-1
-    per_key = (qw @ k.transpose(-1, -2)).unflatten(-1, (c - 1, w))  # (B, Hkv, G, b, c - 1, w)
-    return per_key.amax(-1)  # (B, Hkv, G, b, c - 1): the best key of each chunk
+    w = keys.shape[2] // (S + 1)
+    k = keys[:, :, None, w:].to(summaries.dtype)  # (B, Hkv, 1, S * w, D): chunks 1..S
+    per_key = (qw @ k.transpose(-1, -2)).unflatten(-1, (S, w))  # (B, Hkv, G, b, S, w)
+    return per_key.amax(-1)  # (B, Hkv, G, b, S): the best key of each chunk
 
 
 def select_chunks(scores, own, num_chunks, layout=LAYOUT, local_chunks=LOCAL_CHUNKS):
-    """§2: the K chunks (..., b, K) each query reads, in rank order, given scores (..., b, c) of
-    candidates 1..c and own (b,), each query's own chunk g >= K: chunk 0, the best
+    """§2: the K chunks (..., b, K) each query reads, in rank order, given scores (..., b, S) of
+    candidates 1..S and own (b,), each query's own chunk g >= K: chunk 0, the best
     K - 1 - local_chunks of chunks 1..g-local_chunks (layout "position": in chunk order; "score":
     best last), then the newest local_chunks, up to g. No step waits for the GPU."""
     top = num_chunks - 1 - local_chunks  # the chunks chosen by score
-    candidate = torch.arange(1, scores.shape[-1] + 1, device=scores.device)  # (c,): their ids
-    barred = candidate > own[:, None] - local_chunks  # (b, c): read anyway, or in the future
+    candidate = torch.arange(1, scores.shape[-1] + 1, device=scores.device)  # (S,): their ids
+    barred = candidate > own[:, None] - local_chunks  # (b, S): read anyway, or in the future
     scores = scores.masked_fill(barred, float("-inf"))
     # why not topk's indices: of equal scores (common in repeated text) the earlier must win
     # (..., b, 1); why inf when top is 0: then no candidate is kept
     kth = scores.topk(top, dim=-1).values[..., -1:] if top else float("inf")
-    above, tied = scores > kth, scores == kth  # (..., b, c) each
+    above, tied = scores > kth, scores == kth  # (..., b, S) each
     room = top - above.sum(-1, keepdim=True)  # (..., b, 1): places left for the tied ones
-    keep = above | (tied & (tied.cumsum(-1) <= room))  # (..., b, c): exactly top per row
+    keep = above | (tied & (tied.cumsum(-1) <= room))  # (..., b, S): exactly top per row
     # why a stable sort, not keep as a mask: the kept come first in chunk order, and the shape is
     # known in advance (a boolean mask would make the GPU report a count to the host)
     # (..., b, top); byte: a sort takes no bools on every device
@@ -159,9 +174,15 @@ def longheads_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
     G, n = H // Hkv, -(-T // w)  # query head h reads kv head h // G; chunks, the last partial
     dt = torch.promote_types(q.dtype, torch.float32)  # work in float32 or wider
     cos, sin = rope_table(rope, rope_theta, D, min(T, F * w), dev, dt)  # (min(T, F * w), D)
-    # why: real queries and keys get positions below min(T, F * w), but the zeros padding the
-    # last chunk and the unpicked slots (both masked) get any up to F * w - 1: repeat the last row
-    table_rows = torch.arange(F * w, device=dev).clamp(max=len(cos) - 1)  # (F * w,)
+    # Padding and unpicked slots, told once (other places point here). Three kinds of entries
+    # name no real key: the zeros that pad the last chunk; ids below 0, which the queries of the
+    # first F chunks use for "no chunk"; and the slots of a head's union that a query did not
+    # pick (union_of). Four things keep them harmless: (1) table_rows below gives a RoPE row to
+    # every position up to F * w - 1, which such entries may be rotated to; (2) union_of counts
+    # ids below 0 as chunk 0, which every query reads anyway; (3) an unpicked slot gets rank 0,
+    # a position like any other; (4) attend_picks masks unpicked slots, and its causal mask on
+    # the own chunk also hides the padding, which comes after every real query.
+    table_rows = torch.arange(F * w, device=dev).clamp(max=len(cos) - 1)  # (F * w,): (1)
     cos, sin = cos[table_rows], sin[table_rows]  # (F * w, D) each
     pad = (0, 0, 0, n * w - T)  # zeros after the last token fill the last chunk
     qc = torch.nn.functional.pad(q.to(dt), pad).view(B, Hkv, G, n, w, D)
@@ -178,7 +199,7 @@ def longheads_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
             keys = kc[:, :, 0, :g].flatten(2, 3)  # (B, Hkv, g * w, D): "maxkey" scores by them
             rope_w = cos[w], sin[w]  # (D,) each: position w
             scores = candidate_scores(qc[..., g, :, :], summaries[..., :g, :], keys, rope_w,
-                                      select)  # (B, Hkv, G, w, g - 1)
+                                      select)  # (B, Hkv, G, w, S = g - 1): chunks 1..g-1
             own = torch.full((w,), g, device=dev)  # (w,): every query's own chunk
             ids = select_chunks(scores, own, K, layout, local_chunks)  # (B, Hkv, G, w, K)
         out.append(attend_picks(qc[..., g, :, :], ids, g, kc, vc, cos, sin))  # (B, Hkv, G, w, D)
@@ -189,9 +210,10 @@ def longheads_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
 def union_of(ids, g):
     """The chunks (B, Hkv, G, U) that the queries of chunk g pick together, ids (B, Hkv, G, w, K),
     newest first: slot 0 is the own chunk g. U is the most one head picks; a head that picks
-    fewer fills its last slots with chunks it did not pick, which its queries will mask."""
+    fewer fills its last slots with chunks it did not pick ("Padding and unpicked slots" in
+    longheads_attention)."""
     picked = torch.zeros(*ids.shape[:3], g + 1, dtype=torch.bool, device=ids.device)
-    # ids below 0 count as chunk 0, which every query picks anyway
+    # ids below 0 count as chunk 0, which every query picks anyway: (2) of "Padding and ..."
     picked.scatter_(-1, ids.clamp(min=0).flatten(-2), True)  # (B, Hkv, G, g + 1)
     U = int(picked.sum(-1).max())  # a wait for the GPU: fine here, the fast path has none
     picked_newest_first = picked.flip(-1)  # (B, Hkv, G, g + 1): entry i is chunk g - i
@@ -204,10 +226,19 @@ def attend_picks(q, ids, g, kc, vc, cos, sin):
     """§3 for the queries of chunk g, q (B, Hkv, G, w, D) raw, each reading the chunks ids
     (B, Hkv, G, w, K) at their ranks: every query scores the union of its head's picks, and what
     it did not pick is masked. kc, vc (B, Hkv, 1, n, w, D), keys rotated to chunk offsets."""
+    # The README's toy example, walked through (w = 4, K = 4, one head, n = 6 chunks, g = 5):
+    # the queries at offsets 0..3 pick ids [0, 2, 4, 5] three times, then [0, 3, 4, 5].
+    #   union, newest first: [5, 4, 3, 2, 0], U = 5
+    #   rank per slot for the query at offset 2 (token 22): [3, 2, 0 (unpicked), 1, 0]
+    #   pos = (K - 1 - rank) * w + 2: [2, 6, 14 (masked), 10, 14]. Chunk 2's keys, rotated to
+    #     offsets 0..3, sit 10 - 0 .. 10 - 3 before the query: in the README's view chunk 2
+    #     holds positions 4..7 and the query 14, the same distances.
+    #   rows: chunk j of head (z, h) is row (z * Hkv + h) * n + j of kc.view(-1, w, D), so here
+    #     rows = union = [5, 4, 3, 2, 0].
     (B, Hkv, G, w, K), D = ids.shape, q.shape[-1]
     union = union_of(ids, g)  # (B, Hkv, G, U)
     match = ids[..., None, :, :] == union[..., None, None]  # (B, Hkv, G, U, w, K)
-    rank = match.int().argmax(-1)  # (B, Hkv, G, U, w): the slot's rank; 0 if unpicked
+    rank = match.int().argmax(-1)  # (B, Hkv, G, U, w): the slot's rank; 0 if unpicked (3)
     offset = torch.arange(w, device=q.device)  # (w,): a query's offset in chunk g
     pos = (K - 1 - rank) * w + offset  # (B, Hkv, G, U, w): the query's position per slot
     q = q[..., None, :, :] / math.sqrt(D)  # (B, Hkv, G, 1, w, D)
@@ -217,7 +248,7 @@ def attend_picks(q, ids, g, kc, vc, cos, sin):
     # why whole rows, not take_along_dim: copying rows is several times faster
     ku, vu = (x.reshape(-1, w, D)[rows].view(B, Hkv, G, -1, w, D) for x in (kc, vc))
     logits = qr @ ku.transpose(-1, -2)  # (B, Hkv, G, U, w, w): query offset x key offset
-    unpicked = ~match.any(-1)  # (B, Hkv, G, U, w)
+    unpicked = ~match.any(-1)  # (B, Hkv, G, U, w): masked, (4)
     logits.masked_fill_(unpicked[..., None], float("-inf"))
     future = offset[:, None] < offset  # (w, w)
     logits[..., 0, :, :].masked_fill_(future, float("-inf"))  # slot 0, the own chunk: causal

@@ -255,14 +255,16 @@ def attend_block(cache, q, s, e):
     w, K, dev = cache.w, cache.K, q.device
     t = torch.arange(s, e, device=dev)  # (b,) the queries' positions in the sequence
     m = (e - 1) // w + 1  # chunks up to the block's last query
-    scores = score_candidates(cache, q, m - 2)  # (B, Hkv, G, b, m - 3): up to 2 before the own
+    # candidates 1..m-3: up to two before the last query's own chunk m - 1
+    scores = score_candidates(cache, q, m - 3)  # (B, Hkv, G, b, S = m - 3)
     ids = select_chunks(scores, t // w, K, cache.layout, cache.local_chunks)  # (B, Hkv, G, b, K)
     # §3: rank r is read from (K - 1 - r) * w + o, whichever chunk it is: the query moves;
     # why the tables, not q, are scaled: they are (b, K, D), the rotated queries K times more
     pos = (K - 1 - torch.arange(K, device=dev)) * w + t[:, None] % w  # (b, K)
     cos, sin = [x[pos] / math.sqrt(D) for x in (cache.cos, cache.sin)]  # (b, K, D) each
     qr = apply_rope(q[..., None, :], cos[:, :-1], sin[:, :-1])  # (B, Hkv, G, b, K - 1, D)
-    # a pair's bucket: its head and chunk as one number, head-major: head * m + chunk
+    # a pair's bucket: its head and chunk as one number, head-major: head * m + chunk (the
+    # row formula of longheads.attend_picks, with m chunks per head)
     heads = torch.arange(B * Hkv, device=dev).view(B, Hkv, 1, 1, 1) * m  # (B, Hkv, 1, 1, 1)
     bucket = (ids[..., :-1] + heads).flatten()  # (P,), P = B * Hkv * G * b * (K - 1)
     most = G * b  # no chunk is picked by more pairs than the group has queries
@@ -282,13 +284,15 @@ def attend_block(cache, q, s, e):
     return merge(out.view(*qr.shape), lse.view(qr.shape[:-1]), own_out, own_lse).to(q.dtype)
 
 
-def score_candidates(cache, q, c):
-    """candidate_scores of chunks 1..c-1 for raw queries q (B, Hkv, G, b, D), from the cache."""
+def score_candidates(cache, q, S):
+    """candidate_scores of candidates 1..S for raw queries q (B, Hkv, G, b, D), from the cache:
+    (B, Hkv, G, b, S)."""
     if cache.local_chunks == cache.K - 1:  # a window: no candidates to score
-        return q.new_zeros(*q.shape[:-1], c - 1)
-    keys = cache.kv.k[:, :, :c * cache.w] if cache.select == "maxkey" else None  # (.., c*w, D)
-    rope_w = cache.cos[cache.w], cache.sin[cache.w]
-    return candidate_scores(q, cache.summaries[:, :, :, :c], keys, rope_w, cache.select)
+        return q.new_zeros(*q.shape[:-1], S)
+    w = cache.w
+    keys = cache.kv.k[:, :, :(S + 1) * w] if cache.select == "maxkey" else None  # (.., (S+1)w, D)
+    rope_w = cache.cos[w], cache.sin[w]
+    return candidate_scores(q, cache.summaries[:, :, :, :S + 1], keys, rope_w, cache.select)
 
 
 def read_rows(cache, q_rows, row_groups, m):
