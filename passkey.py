@@ -595,6 +595,13 @@ def summarize(records):
               f"{sum(r['seconds'] for r in rs) / n:.1f} s per trial")
 
 
+def replot(files, plot_file):
+    """The heatmap of trials already run, from their records."""
+    if not plot_file:
+        raise UsageError("--replot draws to a file: add --plot F.png")
+    plot([r for f in files for r in json.loads(Path(f).read_text())], plot_file)
+
+
 def plot(records, file):
     """A depth x length accuracy heatmap per attention, like the paper's figure."""
     import matplotlib
@@ -704,6 +711,8 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write one record per trial to this file")
     p.add_argument("--plot", help="write a depth x length accuracy heatmap (PNG; needs "
                    "matplotlib); with --diagnose, the chunks every layer and head read")
+    p.add_argument("--replot", nargs="+", metavar="JSON", help="no run: draw the heatmap of the "
+                   "trials in these --json files (to --plot)")
     args = apply_setting(p.parse_args(argv))
     args.command = " ".join(["python passkey.py", *(sys.argv[1:] if argv is None else argv)])
     return args
@@ -726,6 +735,8 @@ def uses_setting(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.replot:
+            return replot(args.replot, args.plot)
         check_args(args)
         run_diagnosis(args) if args.diagnose else sweep(args)
     except (UsageError, ValueError, FileNotFoundError, RuntimeError) as e:

@@ -238,6 +238,11 @@ def test_passkey_end_to_end_through_the_cli(smollm2, tmp_path):
     for attention in ("full", "longheads"):
         assert re.search(rf"^  {attention}\s+2048: 1/1", out.stdout, re.M)
     assert "LongHeads, retrieval setting: chunk_size=128 num_chunks=8 layout=score" in out.stdout
+    # the heatmap again from the records, no run; without a file to draw to, one line
+    out = run_cli("--replot", str(tmp_path / "r.json"), "--plot", str(tmp_path / "heat.png"))
+    assert out.returncode == 0 and (tmp_path / "heat.png").stat().st_size > 0, out.stderr
+    out = run_cli("--replot", str(tmp_path / "r.json"))
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
 
 
 def test_the_demo_retrieves_with_the_retrieval_setting_and_names_it():
