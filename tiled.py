@@ -14,7 +14,16 @@ chunks, and the work is laid out so that few, large torch operations do it:
     and its other K - 1 picks become (query, chunk) pairs, laid out in rows by chunk (pack), so
     that a chunk's keys are read once however many queries picked it.
   - Each piece returns its output and its log-sum-exp (attention_lse), and merge combines a
-    query's pieces into one softmax, as flash attention combines blocks of keys.
+    query's pieces into one softmax, as flash attention combines blocks of keys. A piece is
+    computed a slice at a time (read_rows, own_chunk), so that its working set stays under
+    PIECE_BYTES (CUDA_PIECE_BYTES on a GPU) however large the block: at the 7B shape and 128k
+    tokens a block's rows gather ~3 GiB each of keys and values, which the plain piece would copy
+    whole to float32 (~16 GiB a block; now under 2 GiB, test_memory.py).
+  - On a GPU the pieces are the plain computation (attention_lse_plain: float32 logits, no
+    tensor cores), not a fused kernel. Why: PyTorch's fused CUDA kernels that return the
+    log-sum-exp are private ops (flash's takes no mask, the memory-efficient one pads the
+    log-sum-exp), and nothing here has a GPU to test one against the plain piece; the slices
+    bound the plain piece's memory on any device, and the CPU runs it in every test.
   - offload=True keeps keys and values in pinned CPU memory; a block copies to the GPU only the
     chunks it reads.
 
@@ -44,6 +53,9 @@ BLOCK_SCORES = 2**24  # default query block: about this many (query, key) scores
 BLOCK_QUERIES = 512  # ... and at most this many queries, or one chunk of them if more
 CUDA_BLOCK_SCORES, CUDA_BLOCK_QUERIES = 2**28, 2048  # on a GPU: fewer, larger blocks
 TILE = 32  # (query, chunk) pairs: a row is padded to a multiple of it (CPU), or is it (CUDA)
+# the working set of one piece of attention (its keys and values as gathered and in float32,
+# logits, output) is at most this many bytes, whatever the block: read_rows and own_chunk slice
+PIECE_BYTES, CUDA_PIECE_BYTES = 2**28, 2**30
 MASK_BLOCK = 1024  # queries per masked SDPA call after a cached prefix (it computes masked scores)
 SDPA = torch.nn.functional.scaled_dot_product_attention
 # why a private op: it is SDPA's CPU kernel, fused (no score matrix in memory), and unlike the
@@ -76,6 +88,7 @@ class LongHeadsCache(torch.nn.Module):
         self.cuda_layout = (for_device or device.type) == "cuda"
         self.block_size = block_size or default_block_size(batch * num_heads, chunk_size,
                                                            num_chunks, self.cuda_layout)
+        self.piece_bytes = CUDA_PIECE_BYTES if self.cuda_layout else PIECE_BYTES
         self.max_len, self.length = max_len, 0
         n = -(-max_len // chunk_size)  # chunks, the last one possibly partial
         near_end = min(self.F * chunk_size, max_len)  # the first F chunks' tokens end here
@@ -276,10 +289,10 @@ def attend_block(cache, q, s, e):
     bound = most if cache.cuda_layout else None  # CUDA: the tile count from a bound, no wait
     place, row_groups = pack(bucket, size, B * Hkv * m, whole=whole, most=bound)  # (P,), rows
     n_slots = sum([len(row_bucket) * length for row_bucket, length in row_groups])
-    q_rows = qr.new_zeros(n_slots, D).index_copy_(0, place, qr.reshape(-1, D))  # (n_slots, D)
-    out, lse = read_rows(cache, q_rows, row_groups, m)  # (n_slots, D), (n_slots,)
-    # back from the rows to the pairs: (P, D) and (P,), viewed as (B, Hkv, G, b, K - 1, ...)
-    out, lse = out.index_select(0, place), lse.index_select(0, place)
+    P = len(bucket)
+    # each slot's pair; P, a pair that is not there, for a slot that pads a row or a tile
+    pair = torch.full((n_slots,), P, device=dev).index_copy_(0, place, torch.arange(P, device=dev))
+    out, lse = read_rows(cache, qr.reshape(-1, D), pair, row_groups, m)  # (P, D), (P,)
     own_out, own_lse = own_chunk(cache, apply_rope(q, cos[:, -1], sin[:, -1]), s, e)
     return merge(out.view(*qr.shape), lse.view(qr.shape[:-1]), own_out, own_lse).to(q.dtype)
 
@@ -295,23 +308,47 @@ def score_candidates(cache, q, S):
     return candidate_scores(q, cache.summaries[:, :, :, :S + 1], keys, rope_w, cache.select)
 
 
-def read_rows(cache, q_rows, row_groups, m):
-    """Each row of pairs against its chunk's keys: q_rows (slots, D) as pack laid them out,
-    row_groups [(bucket, length)], buckets head * m + chunk -> attention_lse's out (slots, D) and
-    lse (slots,), one fused call per row length."""
-    chunks_per_head, D = cache.kv.k.shape[2] // cache.w, q_rows.shape[-1]
-    out, lse, first = [], [], 0
+def read_rows(cache, q_pairs, pair, row_groups, m):
+    """Each row of pairs against its chunk's keys, a slice of rows at a time. q_pairs (P, D), the
+    pairs' queries; pair (slots,), each slot's pair (P: an empty slot), as pack laid them out;
+    row_groups [(bucket, length)], buckets head * m + chunk. Returns attention_lse's out (P, D) and
+    lse (P,) of every pair, one fused call per row length and slice.
+
+    Why slices: the rows of a block gather ~3 GiB each of keys and values at the 7B shape and
+    128k tokens (and the plain piece copies both to float32); a slice holds rows_per_slice of
+    them, so the working set of this step is cache.piece_bytes, whatever the block's size. The
+    queries go from the pairs to a slice's rows and its outputs back, so that no array of all
+    slots (padding included) is ever made."""
+    P, D = q_pairs.shape
+    chunks_per_head = cache.kv.k.shape[2] // cache.w
+    wide = torch.promote_types(q_pairs.dtype, torch.float32)
+    # row P takes what empty slots compute, and is dropped: no data-dependent shapes
+    out = q_pairs.new_empty(P + 1, D, dtype=wide)  # (P + 1, D)
+    lse = q_pairs.new_empty(P + 1, dtype=wide)  # (P + 1,)
+    source = pair.clamp(max=P - 1)  # (slots,): an empty slot reads some pair's query, in vain
+    first = 0
     for row_bucket, length in row_groups:
         kv_rows = row_bucket // m * chunks_per_head + row_bucket % m  # (n_rows,): k.view(-1, w, D)
-        k_rows, v_rows = cache.kv.chunks(kv_rows)  # (n_rows, w, D) each: one read of a chunk
-        last = first + len(row_bucket) * length
-        q_piece = q_rows[first:last].view(-1, length, D)  # (n_rows, length, D)
-        piece_out, piece_lse = attention_lse(q_piece, k_rows, v_rows, fused=not cache.cuda_layout)
-        # piece_out (n_rows, length, D), piece_lse (n_rows, length)
-        out.append(piece_out.view(-1, D))  # (n_rows * length, D)
-        lse.append(piece_lse.view(-1))  # (n_rows * length,)
-        first = last
-    return torch.cat(out), torch.cat(lse)
+        step = rows_per_slice(cache, length, D)
+        for r in range(0, len(row_bucket), step):
+            k_rows, v_rows = cache.kv.chunks(kv_rows[r:r + step])  # (n, w, D) each: one read
+            lo, hi = first + r * length, first + min(r + step, len(row_bucket)) * length
+            q_piece = q_pairs.index_select(0, source[lo:hi]).view(-1, length, D)  # (n, length, D)
+            piece_out, piece_lse = attention_lse(q_piece, k_rows, v_rows,
+                                                 fused=not cache.cuda_layout)
+            # (n, length, D) and (n, length) back to their pairs
+            out.index_copy_(0, pair[lo:hi], piece_out.view(-1, D))
+            lse.index_copy_(0, pair[lo:hi], piece_lse.view(-1))
+        first += len(row_bucket) * length
+    return out[:P], lse[:P]
+
+
+def rows_per_slice(cache, length, D):
+    """Rows of `length` pairs whose working set fits cache.piece_bytes: per row, its chunk's keys
+    and values as gathered and in float32 (the plain piece's copies), its logits and output."""
+    w, size = cache.w, cache.kv.k.element_size()
+    per_row = 2 * w * D * (size + 4) + length * (w + 2 * D) * 4
+    return max(1, cache.piece_bytes // per_row)
 
 
 def own_chunk(cache, q, s, e):
@@ -327,9 +364,17 @@ def own_chunk(cache, q, s, e):
     # the G query heads of a key/value head share its keys: one (G * b)-query problem each;
     # why repeat, not repeat_interleave: after the reshape a head's b queries are contiguous
     q = q.reshape(B * Hkv, G * b, D)  # (B * Hkv, G * b, D)
-    out, lse = attention_lse(q, k.flatten(0, 1), v.flatten(0, 1), mine.repeat(G, 1),
-                             fused=not cache.cuda_layout)  # mask (G * b, e - lo)
-    # out (B * Hkv, G * b, D), lse (B * Hkv, G * b)
+    k, v = k.flatten(0, 1), v.flatten(0, 1)  # (B * Hkv, e - lo, D) each
+    wide = torch.promote_types(q.dtype, torch.float32)
+    out = q.new_empty(q.shape, dtype=wide)  # (B * Hkv, G * b, D)
+    lse = q.new_empty(q.shape[:2], dtype=wide)  # (B * Hkv, G * b)
+    # why slices of heads: a head's logits are (G * b, e - lo), and a block has B * Hkv heads
+    per_head = (G * b * (e - lo + D) + 2 * (e - lo) * D) * 4  # float32 logits, output, k, v
+    step = max(1, cache.piece_bytes // per_head)
+    for i in range(0, B * Hkv, step):
+        out[i:i + step], lse[i:i + step] = attention_lse(
+            q[i:i + step], k[i:i + step], v[i:i + step], mine.repeat(G, 1),  # mask (G * b, e - lo)
+            fused=not cache.cuda_layout)
     return out.view(B, Hkv, G, b, D), lse.view(B, Hkv, G, b)
 
 
@@ -409,9 +454,16 @@ def attention_lse_plain(q, k, v, mask=None):
     logits = q.to(wide) @ k.to(wide).transpose(-1, -2)  # (N, Q, S)
     if mask is not None:
         logits.masked_fill_(~mask, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)  # (N, Q)
-    # why not logits.sub_(lse).exp_(): logsumexp's backward reads the logits it was given
-    return torch.softmax(logits, dim=-1) @ v.to(wide), lse  # (N, Q, D), (N, Q)
+    if records_grad(q, k, v):
+        # why not in place: logsumexp's backward reads the logits it was given
+        return torch.softmax(logits, dim=-1) @ v.to(wide), torch.logsumexp(logits, dim=-1)
+    # why in place: the logits are the piece's largest tensor; softmax and logsumexp would each
+    # make one more of their size
+    top = logits.amax(-1, keepdim=True)  # (N, Q, 1): every query sees a key, so finite
+    weights = logits.sub_(top).exp_()  # (N, Q, S)
+    total = weights.sum(-1, keepdim=True)  # (N, Q, 1)
+    out = (weights @ v.to(wide)).div_(total)  # (N, Q, S) @ (N, S, D) -> (N, Q, D)
+    return out, (top + total.log()).squeeze(-1)  # (N, Q, D), (N, Q)
 
 
 def merge(out, lse, one, one_lse):
