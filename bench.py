@@ -20,7 +20,17 @@ LongHeads runs the project's defaults (longheads.py) unless --chunk-size etc. sa
 --also adds settings (chunk size x chunks per head), each measured wherever LongHeads is.
 The machine is shared and noisy, so targets are ratios from one run, never absolute times.
 Every timing follows a short warm-up and is the median of --repeat runs (default 1: a 32k
-prefill takes minutes on a CPU).
+prefill takes minutes on a CPU). On a GPU every record also has the GPU's own time, from CUDA
+events around the same calls (gpu_seconds, gpu_ms_per_token; None on a CPU): a decoding step
+launches hundreds of small kernels, and where the host is the bottleneck the wall time measures
+the launches. --prefill-piece N feeds each prompt N tokens at a time.
+
+    python bench.py --estimate-memory     # the GPU peak on paper: llama2-7b, 131072 tokens
+
+prints, with no measurement, the estimated GPU memory of a LongHeads prefill (default: the 7B
+shape at 128k tokens, bfloat16), fed whole and in pieces of 8192 (--prefill-piece), with and
+without offload, part by part: weights, keys and values, the rest of the caches, working memory
+(one layer's peak, the GPU layout's code run on meta tensors: see "memory on paper" below).
 """
 import argparse
 import json
@@ -34,10 +44,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from longheads import (CHUNK_SIZE, LAYOUT, LAYOUTS, LOCAL_CHUNKS, SELECT, SELECTS, check_config,
                        default_num_chunks, longheads_attention)
-from tiled import tiled_attention
+from tiled import SUMMARY_TOKENS, LongHeadsCache, tiled_attention
 from model import Llama, LlamaConfig
 
 SHAPES = {  # random-weight Llamas with the cost of real ones
@@ -92,14 +105,20 @@ def prompt(path, model, length):
 
 
 @torch.no_grad()
-def prefill(model, ids):
+def prefill(model, ids, piece=None):
+    """The next token's logits after the prompt ids (1, T), fed whole or `piece` tokens at a time
+    (the same caches: each piece's activations are all a layer holds at once)."""
     caches = model.new_caches(1, ids.shape[1])
-    return model.lm_head(model.hidden(ids, caches)[:, -1])  # the next token's logits only
+    piece = piece or ids.shape[1]
+    for s in range(0, ids.shape[1], piece):
+        hidden = model.hidden(ids[:, s:s + piece], caches)  # (1, piece, C)
+    return model.lm_head(hidden[:, -1])  # the next token's logits only
 
 
 @torch.no_grad()
 def decode_steps(model, length, steps, device):
-    """ms per token after `length` cached tokens, with either attention. The caches are filled
+    """ms per token after `length` cached tokens, with either attention: wall, and GPU (None off
+    a GPU). The caches are filled
     with random keys, values (and LongHeads' summaries): a step costs the same whatever they
     hold, and no prefill is needed."""
     cfg = model.config
@@ -119,21 +138,19 @@ def decode_steps(model, length, steps, device):
                 kv = kv.to(cache.k.dtype)
                 cache.k[:, :, s:s + n], cache.v[:, :, s:s + n] = kv[0], kv[1]
                 cache.length = s + n
-    token, times = torch.zeros(1, 1, dtype=torch.long, device=device), []
-    for _ in range(steps + 2):
-        sync(device)
-        start = time.perf_counter()
-        model.lm_head(model.hidden(token, caches)[:, -1])
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[2:]) * 1000  # the first two steps are warm-up
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    step = lambda: model.lm_head(model.hidden(token, caches)[:, -1])
+    times = [clock(step, device) for _ in range(steps + 2)][2:]  # the first two are warm-up
+    ms = lambda i: None if times[0][i] is None else statistics.median(t[i] for t in times) * 1000
+    return ms(0), ms(1)  # ms per token: wall, GPU
 
 
 def attention_alone(model, path, inputs, length, chunk_size, num_chunks, device, dtype, repeat,
                     profile=False):
-    """Seconds of SDPA, tiled_attention and longheads_attention: {"sdpa": s, "tiled": s,
-    "short": s}, on q, k, v of the model's head shape, either random or, inputs "text", the first
-    layer's q, k, v of a passkey prompt (real text: neighbouring queries pick alike).
+    """Seconds of SDPA, tiled_attention and longheads_attention, (wall, GPU or None) each:
+    {"sdpa": (s, s), "tiled": ..., "short": ...}, on q, k, v of the model's head shape, either
+    random or, inputs "text", the first layer's q, k, v of a passkey prompt (real text:
+    neighbouring queries pick alike).
     num_chunks: the setting's, resolved (measure() applies the trained-length rule)."""
     cfg, gen = model.config, torch.Generator(device=device).manual_seed(0)
     opts = dict(chunk_size=chunk_size, num_chunks=num_chunks, rope_theta=cfg.rope_theta)
@@ -155,7 +172,9 @@ def attention_alone(model, path, inputs, length, chunk_size, num_chunks, device,
         if profile:  # where the tiled path's time goes, operator by operator, to stderr
             with torch.profiler.profile() as prof:
                 fns["tiled"](q, k, v)
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12),
+            # on a GPU, by the GPU's time: the CPU's is mostly launching kernels there
+            order = "self_device_time_total" if is_cuda(device) else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=order, row_limit=12),
                   file=sys.stderr)
     return seconds
 
@@ -167,15 +186,24 @@ def first_layer_qkv(model, ids):
 
 
 def timed(fn, device, repeat=1):
-    """The median wall time of `repeat` calls."""
-    times = []
-    for _ in range(repeat):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """The median wall seconds of `repeat` calls, and their median GPU seconds (None off a GPU)."""
+    times = [clock(fn, device) for _ in range(repeat)]
+    gpu = None if times[0][1] is None else statistics.median(t[1] for t in times)
+    return statistics.median(t[0] for t in times), gpu
+
+
+def clock(fn, device):
+    """One call's wall seconds, and on a GPU the seconds between two CUDA events around it: the
+    GPU's own time, which a wall time hides when the host is the bottleneck (else None)."""
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if is_cuda(device) else []
+    sync(device)
+    start = time.perf_counter()
+    events and events[0].record()
+    fn()
+    events and events[1].record()
+    sync(device)
+    wall = time.perf_counter() - start
+    return wall, events[0].elapsed_time(events[1]) / 1000 if events else None
 
 
 def warmup_tokens(attention, length, chunk_size, num_chunks):
@@ -187,13 +215,17 @@ def warmup_tokens(attention, length, chunk_size, num_chunks):
     return min(length, max(WARMUP_TOKENS, chunk_size * (num_chunks + 1)))
 
 
+def is_cuda(device):
+    return str(device).startswith("cuda")
+
+
 def sync(device):
-    if str(device).startswith("cuda"):
+    if is_cuda(device):
         torch.cuda.synchronize()
 
 
 def peak_bytes(device):
-    if str(device).startswith("cuda"):
+    if is_cuda(device):
         return torch.cuda.max_memory_allocated()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -214,22 +246,131 @@ def measure(args):
         prefill(model, prompt(path, model, warm).to(args.device))
         ids = prompt(path, model, length).to(args.device)
         base = peak_bytes(args.device)
-        if args.device.startswith("cuda"):
+        if is_cuda(args.device):
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        seconds = timed(lambda: prefill(model, ids), args.device, args.repeat)
+        seconds, gpu = timed(lambda: prefill(model, ids, args.prefill_piece), args.device,
+                             args.repeat)
         peak = peak_bytes(args.device)
-        result = dict(seconds=seconds, peak_bytes=peak, work_bytes=peak - base)
+        result = dict(seconds=seconds, gpu_seconds=gpu, peak_bytes=peak, work_bytes=peak - base)
+        if args.prefill_piece:
+            result["prefill_piece"] = args.prefill_piece
     elif kind == "decode":
-        result = dict(ms_per_token=decode_steps(model, length, DECODE_STEPS, args.device))
+        ms, gpu_ms = decode_steps(model, length, DECODE_STEPS, args.device)
+        result = dict(ms_per_token=ms, gpu_ms_per_token=gpu_ms)
     else:
         seconds = attention_alone(model, path, attention, length, args.chunk_size,
                                   num_chunks, args.device, getattr(torch, args.dtype),
                                   args.repeat, args.profile)
-        result = {f"{name}_seconds": s for name, s in seconds.items()}
+        # seconds: (wall, GPU) each -> sdpa_seconds, sdpa_gpu_seconds, ...
+        result = {f"{name}_{which}seconds": s[i] for name, s in seconds.items()
+                  for i, which in enumerate(["", "gpu_"])}
     name = str(path or args.shape or "smollm2")
     print(json.dumps(dict(kind=kind, attention=attention, length=length, model=name, **setting,
                           **result)))
+
+
+# ----------------------------------------------------------------------------- memory on paper
+# The GPU layout's shapes never depend on data (it never waits for the GPU), so on meta tensors,
+# which hold shapes and no values, the same code makes every tensor a GPU would, in no time and
+# no memory. LiveBytes counts them. Not counted: a kernel's own temporaries (cuBLAS workspaces,
+# SDPA's), the caching allocator's rounding and fragmentation (reserved above allocated), the
+# CUDA context (some 0.5 GB, outside torch's allocator): hence a margin under the 24 GB target.
+
+class LiveBytes(TorchDispatchMode):
+    """The most bytes held at once (peak) by tensors made inside it, counted by storage: a view
+    adds nothing, nor does a tensor made before it (weights, a cache's buffers, inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak = {}, 0  # a storage's address -> (a weak reference to it, bytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # why purge first: a storage made now may reuse the address of one freed since
+        self.live = {key: x for key, x in self.live.items() if not x[0].expired()}
+        given = {x.untyped_storage()._cdata for x in tree_leaves((args, kwargs))
+                 if isinstance(x, torch.Tensor)}  # an output on one of these is a view, in place
+        for x in tree_leaves(out):
+            key = x.untyped_storage()._cdata if isinstance(x, torch.Tensor) else None
+            if key is not None and key not in given and key not in self.live:
+                storage = x.untyped_storage()
+                self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+        return out
+
+
+def block_working_bytes(H, Hkv, D, chunk_size, num_chunks, length, dtype=torch.bfloat16,
+                        device="meta"):
+    """Peak bytes of the last block of a prompt of `length` tokens in the GPU layout (the block
+    GPU default_block_size makes), storing included: (bytes, the block's queries)."""
+    cache = LongHeadsCache(1, H, Hkv, length, D, chunk_size=chunk_size, num_chunks=num_chunks,
+                           dtype=dtype, device=device, for_device="cuda")
+    b = min(cache.block_size, length - chunk_size * num_chunks)
+    cache.length = length - b  # as if the tokens before were stored (what they hold is moot)
+    q = torch.zeros(1, H, b, D, dtype=dtype, device=device)  # (B, H, b, D)
+    k = torch.zeros(1, Hkv, b, D, dtype=dtype, device=device)  # (B, Hkv, b, D), and v
+    with LiveBytes() as live, torch.no_grad():
+        cache(q, k, k)
+    return live.peak, b
+
+
+def estimate_memory(shape, length, piece, chunk_size, num_chunks, dtype=torch.bfloat16):
+    """The GPU's bytes for a LongHeads prefill of `length` tokens fed `piece` tokens at a time,
+    by part: {"weights", "kv" (keys and values: offload keeps them in host memory), "cache" (the
+    rest of the caches: summaries, the first chunks' keys at true positions, RoPE tables),
+    "working" (one layer's peak on the last piece: activations and attention), "copies" (what
+    offload copies to the GPU that would otherwise be read in place)}."""
+    cfg = LlamaConfig(**SHAPES[shape])
+    with torch.device("meta"):
+        model = Llama(cfg, attention="longheads", chunk_size=chunk_size, num_chunks=num_chunks)
+    model = model.to(dtype)
+    H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    cache = LongHeadsCache(1, H, Hkv, length, D, chunk_size=chunk_size, num_chunks=num_chunks,
+                           rope=cfg.inv_freq(chunk_size * num_chunks), dtype=dtype, device="meta",
+                           for_device="cuda")
+    layers = cfg.num_hidden_layers
+    kv = cache.kv.k.nbytes + cache.kv.v.nbytes
+    rest = sum(x.nbytes for x in cache.buffers()) - kv
+    cache.length = length - piece  # the last piece: the most chunks to read
+    x = torch.zeros(1, piece, cfg.hidden_size, dtype=dtype, device="meta")  # (B, piece, C)
+    with LiveBytes() as live, torch.no_grad():
+        model.model.layers[0](x, cache)
+    # offloaded, a block's own-chunk window and a summary's span of keys and values come to the
+    # GPU as copies, one at a time: (B, Hkv, tokens, D) each of k and v
+    window = max(cache.block_size + chunk_size, SUMMARY_TOKENS)
+    copies = 2 * Hkv * window * D * x.element_size()
+    return dict(weights=sum(p.nbytes for p in model.parameters()), kv=layers * kv,
+                cache=layers * rest, working=live.peak + x.nbytes, copies=copies)
+
+
+def memory_table(args):
+    """The estimate of the GPU's peak, as lines that show the arithmetic (GB: 10^9 bytes)."""
+    shape, length = args.shape or "llama2-7b", args.estimate_length
+    cfg, dtype = LlamaConfig(**SHAPES[shape]), getattr(torch, args.dtype)
+    num_chunks = args.num_chunks or default_num_chunks(cfg.max_position_embeddings,
+                                                        args.chunk_size)
+    gb = lambda x: f"{x / 1e9:6.2f} GB"
+    size = torch.finfo(dtype).bits // 8
+    lines = [f"GPU memory on paper: {shape}, {length} tokens, LongHeads {args.chunk_size}x"
+             f"{num_chunks}, {args.dtype}, the GPU layout run on meta tensors"]
+    for piece in [length, args.prefill_piece or 8192]:
+        m = estimate_memory(shape, length, piece, args.chunk_size, num_chunks, dtype)
+        params = m["weights"] // size
+        kv = (f"{cfg.num_hidden_layers} layers x 2 x {cfg.num_key_value_heads} heads x {length}"
+              f" tokens x {cfg.head_dim} x {size} bytes")
+        full = m["weights"] + m["kv"] + m["cache"] + m["working"]
+        offload = m["weights"] + m["cache"] + m["working"] + m["copies"]
+        lines += [f"prefill {'whole' if piece == length else f'in pieces of {piece}'}:",
+                  f"  weights        {gb(m['weights'])}  {params / 1e9:.2f}e9 parameters x "
+                  f"{size} bytes",
+                  f"  keys, values   {gb(m['kv'])}  {kv} (host memory if offloaded)",
+                  f"  rest of cache  {gb(m['cache'])}  summaries, first chunks' keys, RoPE tables",
+                  f"  working memory {gb(m['working'])}  one layer's peak on the last piece",
+                  f"  offload copies {gb(m['copies'])}  a block's window of keys and values",
+                  f"  peak: {gb(full)} = weights + keys, values + rest + working; offloaded "
+                  f"{gb(offload)} = weights + rest + working + copies"]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -419,9 +560,16 @@ def parse_args(argv=None):
                    "it is recorded as timed out")
     p.add_argument("--deadline", type=float, help="seconds the whole run may take: no "
                    "measurement runs past it, those left are recorded as skipped")
+    p.add_argument("--prefill-piece", type=int, help="feed prefill prompts this many tokens "
+                   "at a time (default: whole)")
+    p.add_argument("--estimate-memory", action="store_true", help="print the estimated GPU "
+                   "peak of a LongHeads prefill of --estimate-length tokens (default shape "
+                   "llama2-7b), with and without offload, and exit: no measurement")
+    p.add_argument("--estimate-length", type=int, default=131072)
     p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: one measurement
     args = p.parse_args(argv)
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    on_gpu = args.device.startswith("cuda") or args.estimate_memory  # an estimate is for a GPU
+    args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
     check_args(p, args)
     return args
 
@@ -447,6 +595,8 @@ def check_args(p, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.estimate_memory:
+        return print(memory_table(args))
     if args.one:
         return measure(args)
     start = args.started = time.perf_counter()
