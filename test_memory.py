@@ -84,3 +84,38 @@ def test_live_bytes_counts_what_is_alive_not_views_or_what_came_before():
         del b
         c = a + 1  # 400 bytes, while a lives
     assert live.peak == 400 + 4000 and c.shape == a.shape
+
+
+class FakeCudart:
+    """torch.cuda.cudart()'s two calls that host_zeros makes, recorded (no CUDA here)."""
+
+    class cudaError:
+        success = 0
+
+    def __init__(self):
+        self.registered, self.unregistered = [], []
+
+    def cudaHostRegister(self, ptr, size, flags):
+        self.registered.append((ptr, size))
+        return 0
+
+    def cudaHostUnregister(self, ptr):
+        self.unregistered.append(ptr)
+        return 0
+
+
+def test_offloaded_keys_and_values_ask_exactly_their_bytes_of_host_memory():
+    """--len 131072 with w = 256 is 513 chunks: 1.002 times a power of two. PyTorch's pinned
+    allocator took the next power of two for each buffer (2 GiB for 1.002 GiB at 7B); the cache
+    now registers pageable memory of exactly its size with CUDA, and unregisters it when freed."""
+    import gc
+    fake, tokens = FakeCudart(), 513 * 256
+    with mock.patch.object(torch.cuda, "cudart", lambda: fake):
+        kv = tiled.ChunkedKV(1, 2, tokens, 8, 256, torch.float32, torch.device("cuda"), True)
+        exact = 1 * 2 * tokens * 8 * 4  # (B, Hkv, tokens, D) float32
+        assert [size for _, size in fake.registered] == [exact, exact]
+        assert [ptr for ptr, _ in fake.registered] == [kv.k.data_ptr(), kv.v.data_ptr()]
+        assert kv.k.device.type == "cpu" and kv.k.untyped_storage().nbytes() == exact
+        del kv
+        gc.collect()
+    assert sorted(fake.unregistered) == sorted(ptr for ptr, _ in fake.registered)

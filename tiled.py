@@ -24,8 +24,8 @@ chunks, and the work is laid out so that few, large torch operations do it:
     log-sum-exp are private ops (flash's takes no mask, the memory-efficient one pads the
     log-sum-exp), and nothing here has a GPU to test one against the plain piece; the slices
     bound the plain piece's memory on any device, and the CPU runs it in every test.
-  - offload=True keeps keys and values in pinned CPU memory; a block copies to the GPU only the
-    chunks it reads.
+  - offload=True keeps keys and values in page-locked CPU memory of exactly their size
+    (host_zeros); a block copies to the GPU only the chunks it reads.
 
 The same property tests hold this file and longheads_attention to longheads_reference, the
 per-query definition (test_longheads.py: any budget, every variant, grouped-query attention,
@@ -41,6 +41,7 @@ Shapes as in longheads.py; here also b queries in a block, m chunks up to a bloc
 P (query, chunk) pairs of a block.
 """
 import math
+import weakref
 
 import torch
 from torch.nn.attention.bias import causal_lower_right
@@ -174,10 +175,11 @@ class ChunkedKV(torch.nn.Module):
         super().__init__()
         self.chunk_size, self.device, self.offload = chunk_size, device, offload
         self.scratch, self.sent = {}, None  # staging buffers, and the event of their last send
-        store = dict(device="cpu", pin_memory=True) if offload else dict(device=device)
         shape = (batch, num_kv_heads, tokens, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, **store), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, **store), persistent=False)
+        for name in ("k", "v"):
+            x = host_zeros(shape, dtype) if offload else torch.zeros(shape, dtype=dtype,
+                                                                     device=device)
+            self.register_buffer(name, x, persistent=False)
 
     def write(self, start, k, v):
         """Store k, v (B, Hkv, T, D) as tokens start..start+T-1. Offloaded, this copy to the host
@@ -232,6 +234,23 @@ class ChunkedKV(torch.nn.Module):
             buf = self.scratch[name] = torch.empty(numel, dtype=like.dtype, device=like.device,
                                                    pin_memory=like.is_pinned())
         return buf[:numel].view(shape)
+
+
+def host_zeros(shape, dtype):
+    """Zeros in page-locked host memory of exactly their size: pageable memory registered with
+    CUDA (cudaHostRegister), unregistered when the tensor is freed. Why not pin_memory=True:
+    PyTorch's pinned allocator rounds each request up to a power of two, so a 1.002 GiB buffer
+    (--len 131072, 513 chunks) took 2 GiB. (The staging buffers keep that allocator: they are
+    bounded by the slices, and it caches them from call to call, where registering is slow.)"""
+    x = torch.zeros(shape, dtype=dtype)  # pageable: the CPU allocator asks exactly this much
+    if x.nbytes:  # CUDA refuses to register nothing
+        cudart = torch.cuda.cudart()
+        error = cudart.cudaHostRegister(x.data_ptr(), x.nbytes, 0)
+        if error != cudart.cudaError.success:
+            raise RuntimeError(f"cudaHostRegister of {x.nbytes} bytes failed: {error}")
+        # why on x: the cache holds x; a view that outlives it reads it pageable, still right
+        weakref.finalize(x, cudart.cudaHostUnregister, x.data_ptr())
+    return x
 
 
 def default_block_size(query_heads, chunk_size, num_chunks, cuda_layout=False):
