@@ -304,15 +304,22 @@ def block_working_bytes(H, Hkv, D, chunk_size, num_chunks, length, dtype=torch.b
                         device="meta"):
     """Peak bytes of the last block of a prompt of `length` tokens in the GPU layout (the block
     GPU default_block_size makes), storing included: (bytes, the block's queries)."""
+    cache, q, k = last_block(H, Hkv, D, chunk_size, num_chunks, length, dtype, device)
+    with LiveBytes() as live, torch.no_grad():
+        cache(q, k, k)
+    return live.peak, q.shape[2]
+
+
+def last_block(H, Hkv, D, chunk_size, num_chunks, length, dtype, device):
+    """A cache in the GPU layout that holds all but the last block of a prompt of `length` tokens,
+    as if stored (what they hold is moot), and that block's q (1, H, b, D) and k (1, Hkv, b, D)."""
     cache = LongHeadsCache(1, H, Hkv, length, D, chunk_size=chunk_size, num_chunks=num_chunks,
                            dtype=dtype, device=device, for_device="cuda")
     b = min(cache.block_size, length - chunk_size * num_chunks)
-    cache.length = length - b  # as if the tokens before were stored (what they hold is moot)
+    cache.length = length - b
     q = torch.zeros(1, H, b, D, dtype=dtype, device=device)  # (B, H, b, D)
     k = torch.zeros(1, Hkv, b, D, dtype=dtype, device=device)  # (B, Hkv, b, D), and v
-    with LiveBytes() as live, torch.no_grad():
-        cache(q, k, k)
-    return live.peak, b
+    return cache, q, k
 
 
 def estimate_memory(shape, length, piece, chunk_size, num_chunks, dtype=torch.bfloat16):
