@@ -447,8 +447,9 @@ def run(args):
     for length in args.lengths:
         if not (args.full_max and length > args.full_max):
             records.append(child(args, "prefill", "full", length))
+        offload = args.offload and not (args.offload_max and length > args.offload_max)
         for setting in settings:
-            for attention in ["longheads"] + ["offload"] * args.offload:
+            for attention in ["longheads"] + ["offload"] * offload:
                 records.append(child(args, "prefill", attention, length, setting))
     for length in args.decode_lengths:
         records.append(child(args, "decode", "full", length))
@@ -556,6 +557,8 @@ def parse_args(argv=None):
                         "measured in the same run wherever LongHeads is")
     p.add_argument("--offload", action="store_true",
                    help="also LongHeads with its keys and values in pinned CPU memory (CUDA)")
+    p.add_argument("--offload-max", type=int, help="--offload only up to this length (its "
+                   "CPU-side gathers are slow: a GPU check times it where it is quick)")
     p.add_argument("--profile", action="store_true",
                    help="print torch.profiler's top operators of the tiled path (attention alone)")
     p.add_argument("--repeat", type=int, default=1,

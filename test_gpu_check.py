@@ -50,3 +50,20 @@ def test_the_bench_warm_up_reaches_the_blocks_that_select():
     assert bench.warmup_tokens("longheads", 32768, 256, 16) > 256 * 16
     assert bench.warmup_tokens("longheads", 2048, 256, 16) == 2048  # never past the prompt
     assert bench.warmup_tokens("full", 32768, 256, 16) == bench.WARMUP_TOKENS
+
+
+def test_the_gpu_check_times_offload_at_8k_only(monkeypatch):
+    """gpu_check.sh's GPU run passes --offload --offload-max 8192; bench then measures the
+    offloaded prefill at 8192 tokens and at no longer length (the dry run cannot: no CUDA)."""
+    import bench
+    script = (HERE / "gpu_check.sh").read_text()
+    assert 'offload="--offload --offload-max 8192"' in script and "$offload" in script
+    args = bench.parse_args(["--lengths", "8192", "32768", "--decode-lengths",
+                             "--attention-lengths", "--offload-max", "8192"])
+    args.offload = True  # as --offload --device cuda would set it
+    calls = []
+    monkeypatch.setattr(bench, "child", lambda args, kind, attention, length, setting=None:
+                        calls.append((kind, attention, length)) or {})
+    bench.run(args)
+    assert [c for c in calls if c[1] == "offload"] == [("prefill", "offload", 8192)]
+    assert ("prefill", "longheads", 32768) in calls
