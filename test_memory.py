@@ -119,3 +119,20 @@ def test_offloaded_keys_and_values_ask_exactly_their_bytes_of_host_memory():
         del kv
         gc.collect()
     assert sorted(fake.unregistered) == sorted(ptr for ptr, _ in fake.registered)
+
+
+def test_sliced_pieces_in_the_gpu_layout_never_wait():
+    """test_longheads' recorder on a prefill block and a decoding step whose pieces go in many
+    slices (a 16 KiB bound): slicing adds no operation that would make the host wait."""
+    from test_longheads import RecordOps
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 4, 301, 16, generator=gen)
+    k, v = (torch.randn(1, 2, 301, 16, generator=gen) for _ in range(2))
+    with mock.patch.object(tiled, "CUDA_PIECE_BYTES", 2**14):
+        cache = LongHeadsCache(1, 4, 2, 301, 16, chunk_size=16, num_chunks=5, for_device="cuda")
+    cache(q[:, :, :200], k[:, :, :200], v[:, :, :200])
+    for s, e in [(200, 300), (300, 301)]:  # a prefill block, then a decoding step
+        with RecordOps() as recorded:
+            cache(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e])
+        assert recorded.waits == [], (s, e, recorded.waits)
+        assert recorded.ops.count("aten::index_select") > 4, "the pieces went in slices"

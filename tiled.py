@@ -104,7 +104,9 @@ class LongHeadsCache(torch.nn.Module):
                                device=device),
             # the first F chunks' keys also at their true positions: their queries read them so
             k_true=torch.zeros(batch, num_kv_heads, near_end, head_dim, dtype=dtype,
-                               device=device))
+                               device=device),
+            # (K,): rank r's first position, (K - 1 - r) * w (§3)
+            rank_start=(num_chunks - 1 - torch.arange(num_chunks, device=device)) * chunk_size)
         # (near_end, D) each: every position a query or a key can get
         cos, sin = rope_table(rope, rope_theta, head_dim, near_end, device, dtype)
         for name, x in dict(buffers, cos=cos, sin=sin).items():
@@ -133,8 +135,12 @@ class LongHeadsCache(torch.nn.Module):
     def _store(self, q, k, v):
         """Write keys (rotated) and values; summarise every chunk these tokens complete."""
         start, T, w = self.length, q.shape[-2], self.w
-        offsets = torch.arange(start, start + T, device=k.device) % w
-        cos, sin = self.cos[offsets], self.sin[offsets]  # (T, D) each
+        o = start % w
+        if o + T <= w:  # within one chunk (a decoding step): the offsets are a slice of the table
+            cos, sin = self.cos[o:o + T], self.sin[o:o + T]  # (T, D) each
+        else:
+            offsets = torch.arange(start, start + T, device=k.device) % w  # (T,)
+            cos, sin = self.cos[offsets], self.sin[offsets]  # (T, D) each
         self.kv.write(start, apply_rope(k, cos, sin), v)
         self.length = start + T
         near_end = min(start + T, self.k_true.shape[2])  # start..near_end-1: the first K chunks
@@ -281,7 +287,8 @@ def attend_block(cache, q, s, e):
 
     Every query reads its own K chunks, exactly: its own chunk (causal) from one window of keys
     shared by the block, and the other K - 1 as (query, chunk) pairs laid out in rows by chunk
-    (pack), one read of a chunk's keys per row. The K partial softmaxes are merged.
+    (pack), one read of a chunk's keys per row (read_picks; in a decoding step each pair reads
+    its chunk directly). The K partial softmaxes are merged.
     """
     B, Hkv, G, b, D = q.shape
     w, K, dev = cache.w, cache.K, q.device
@@ -292,18 +299,32 @@ def attend_block(cache, q, s, e):
     ids = select_chunks(scores, t // w, K, cache.layout, cache.local_chunks)  # (B, Hkv, G, b, K)
     # §3: rank r is read from (K - 1 - r) * w + o, whichever chunk it is: the query moves;
     # why the tables, not q, are scaled: they are (b, K, D), the rotated queries K times more
-    pos = (K - 1 - torch.arange(K, device=dev)) * w + t[:, None] % w  # (b, K)
+    pos = cache.rank_start + t[:, None] % w  # (b, K)
     cos, sin = [x[pos] / math.sqrt(D) for x in (cache.cos, cache.sin)]  # (b, K, D) each
     qr = apply_rope(q[..., None, :], cos[:, :-1], sin[:, :-1])  # (B, Hkv, G, b, K - 1, D)
+    out, lse = read_picks(cache, qr, ids[..., :-1], m)  # (P, D), (P,)
+    own_out, own_lse = own_chunk(cache, apply_rope(q, cos[:, -1], sin[:, -1]), s, e)
+    return merge(out.view(*qr.shape), lse.view(qr.shape[:-1]), own_out, own_lse).to(q.dtype)
+
+
+def read_picks(cache, qr, picks, m):
+    """Queries against the K - 1 chunks they picked besides their own: qr (B, Hkv, G, b, K - 1,
+    D), rotated for their ranks, picks (B, Hkv, G, b, K - 1), chunk ids below m -> attention_lse's
+    out (P, D) and lse (P,) of every (query, chunk) pair, in qr's order."""
+    B, Hkv, G, b, _, D = qr.shape
+    dev = qr.device
+    heads = torch.arange(B * Hkv, device=dev).view(B, Hkv, 1, 1, 1)  # (B, Hkv, 1, 1, 1)
+    if b == 1:  # a decoding step: each pair reads its own chunk, no rows
+        rows = picks + heads * (cache.kv.k.shape[2] // cache.w)  # (B, Hkv, G, 1, K - 1)
+        return read_pairs(cache, qr.reshape(-1, D), rows.flatten())  # rows of k.view(-1, w, D)
     # a pair's bucket: its head and chunk as one number, head-major: head * m + chunk (the
     # row formula of longheads.attend_picks, with m chunks per head)
-    heads = torch.arange(B * Hkv, device=dev).view(B, Hkv, 1, 1, 1) * m  # (B, Hkv, 1, 1, 1)
-    bucket = (ids[..., :-1] + heads).flatten()  # (P,), P = B * Hkv * G * b * (K - 1)
+    bucket = (picks + heads * m).flatten()  # (P,), P = B * Hkv * G * b * (K - 1)
     most = G * b  # no chunk is picked by more pairs than the group has queries
     size = min(TILE, most)
     # why whole rows on the CPU: a row per chunk reads its keys once; on CUDA, tiles of `size`
     # pairs, whose number pack bounds without asking the GPU for counts; where no chunk can have
-    # more than `size` pairs (a decoding step), rows of `size` are whole rows, in one group
+    # more than `size` pairs, rows of `size` are whole rows, in one group
     whole = not cache.cuda_layout and most > size
     bound = most if cache.cuda_layout else None  # CUDA: the tile count from a bound, no wait
     place, row_groups = pack(bucket, size, B * Hkv * m, whole=whole, most=bound)  # (P,), rows
@@ -311,9 +332,20 @@ def attend_block(cache, q, s, e):
     P = len(bucket)
     # each slot's pair; P, a pair that is not there, for a slot that pads a row or a tile
     pair = torch.full((n_slots,), P, device=dev).index_copy_(0, place, torch.arange(P, device=dev))
-    out, lse = read_rows(cache, qr.reshape(-1, D), pair, row_groups, m)  # (P, D), (P,)
-    own_out, own_lse = own_chunk(cache, apply_rope(q, cos[:, -1], sin[:, -1]), s, e)
-    return merge(out.view(*qr.shape), lse.view(qr.shape[:-1]), own_out, own_lse).to(q.dtype)
+    return read_rows(cache, qr.reshape(-1, D), pair, row_groups, m)  # (P, D), (P,)
+
+
+def read_pairs(cache, q_pairs, rows):
+    """Each pair against its chunk alone: q_pairs (P, D), rows (P,) of k.view(-1, w, D) ->
+    attention_lse's out (P, D) and lse (P,). Why, for a decoding step: pack's layout is some 40
+    operations, most of a step's kernel launches on a GPU, and it saves little there: at most G
+    pairs share a chunk. A slice of pairs at a time, as read_rows."""
+    D, step = q_pairs.shape[-1], rows_per_slice(cache, 1, q_pairs.shape[-1])
+    pieces = [attention_lse(q_pairs[i:i + step, None], *cache.kv.chunks(rows[i:i + step]),
+                            fused=not cache.cuda_layout)  # (n, 1, D) against (n, w, D) each
+              for i in range(0, len(rows), step)]
+    out, lse = [torch.cat(x) if len(x) > 1 else x[0] for x in zip(*pieces)]  # (P, 1, D), (P, 1)
+    return out.view(-1, D), lse.view(-1)
 
 
 def score_candidates(cache, q, S):
@@ -377,24 +409,29 @@ def own_chunk(cache, q, s, e):
     B, Hkv, G, b, D = q.shape
     w = cache.w
     lo = s // w * w  # the window's first key
-    t, u = torch.arange(s, e, device=q.device), torch.arange(lo, e, device=q.device)
     k, v = cache.kv.span(lo, e)  # (B, Hkv, e - lo, D) each
-    mine = (u // w == t[:, None] // w) & (u <= t[:, None])  # (b, e - lo)
-    # the G query heads of a key/value head share its keys: one (G * b)-query problem each;
-    # why repeat, not repeat_interleave: after the reshape a head's b queries are contiguous
+    # why repeat, not repeat_interleave: after the reshape below a head's b queries are
+    # contiguous; one query (a decoding step) sees its whole window: no mask
+    mask = own_mask(s, e, w, q.device).repeat(G, 1) if b > 1 else None  # (G * b, e - lo)
+    # the G query heads of a key/value head share its keys: one (G * b)-query problem each
     q = q.reshape(B * Hkv, G * b, D)  # (B * Hkv, G * b, D)
     k, v = k.flatten(0, 1), v.flatten(0, 1)  # (B * Hkv, e - lo, D) each
-    wide = torch.promote_types(q.dtype, torch.float32)
-    out = q.new_empty(q.shape, dtype=wide)  # (B * Hkv, G * b, D)
-    lse = q.new_empty(q.shape[:2], dtype=wide)  # (B * Hkv, G * b)
     # why slices of heads: a head's logits are (G * b, e - lo), and a block has B * Hkv heads
     per_head = (G * b * (e - lo + D) + 2 * (e - lo) * D) * 4  # float32 logits, output, k, v
     step = max(1, cache.piece_bytes // per_head)
-    for i in range(0, B * Hkv, step):
-        out[i:i + step], lse[i:i + step] = attention_lse(
-            q[i:i + step], k[i:i + step], v[i:i + step], mine.repeat(G, 1),  # mask (G * b, e - lo)
-            fused=not cache.cuda_layout)
+    pieces = [attention_lse(q[i:i + step], k[i:i + step], v[i:i + step], mask,
+                            fused=not cache.cuda_layout) for i in range(0, B * Hkv, step)]
+    # (B * Hkv, G * b, D), (B * Hkv, G * b)
+    out, lse = [torch.cat(x) if len(x) > 1 else x[0] for x in zip(*pieces)]
     return out.view(B, Hkv, G, b, D), lse.view(B, Hkv, G, b)
+
+
+def own_mask(s, e, w, device):
+    """Which keys lo..e-1 (lo = s // w * w) queries s..e-1 may read in their own chunk: those of
+    their chunk, up to themselves. (e - s, e - lo), True where a query may look."""
+    t = torch.arange(s, e, device=device)  # (b,) the queries' positions
+    u = torch.arange(s // w * w, e, device=device)  # (e - lo,) the keys'
+    return (u // w == t[:, None] // w) & (u <= t[:, None])
 
 
 def tiled_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_theta=10000.0,

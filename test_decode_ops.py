@@ -1,0 +1,51 @@
+"""A decoding step's aten operations in the GPU layout (issue 29, item 5): on a GPU each one not
+a view is a kernel launch of a few microseconds, and a step's tiny tensors make the host, which
+launches them, the bottleneck. Counted on meta tensors (shapes only) at Llama-2-7B's shape, 32k
+tokens cached, one layer. Before issue 29: 229 operations, 135 of them launches (both with one
+head per group and with four); now 192 and 93: a step's pairs read their chunks directly
+(read_pairs, no pack), its one query needs no mask, its key's rotation and its ranks'
+positions are slices and a table, not gathers.
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tiled import LongHeadsCache
+
+
+class CountOps(TorchDispatchMode):
+    """Every aten operation run inside it, and those that make a tensor that is not a view."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.launches = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(func._schema.name)
+        # why _unsafe_view too: a view that autograd is told not to track, no kernel either
+        view = func.is_view or func._schema.name == "aten::_unsafe_view"
+        if isinstance(out, (torch.Tensor, tuple, list)) and not view:
+            self.launches.append(func._schema.name)
+        return out
+
+
+def decoding_step_ops(Hkv, cached=32768, H=32, D=128, dtype=torch.bfloat16):
+    """The operations of one decoding step of one layer after `cached` tokens, 7B's head shape
+    and the paper's 256 x 16, in the GPU layout on meta tensors."""
+    cache = LongHeadsCache(1, H, Hkv, cached + 1, D, chunk_size=256, num_chunks=16, dtype=dtype,
+                           device="meta", for_device="cuda")
+    cache.length = cached  # as if stored (meta tensors hold nothing)
+    q = torch.zeros(1, H, 1, D, dtype=dtype, device="meta")  # (B, H, 1, D)
+    k = torch.zeros(1, Hkv, 1, D, dtype=dtype, device="meta")  # (B, Hkv, 1, D), and v
+    with CountOps() as counted, torch.no_grad():
+        cache(q, k, k)
+    return counted
+
+
+@pytest.mark.parametrize("Hkv", [32, 8])
+def test_a_decoding_step_launches_at_most_100_kernels(Hkv):
+    counted = decoding_step_ops(Hkv)
+    assert len(counted.launches) <= 100 and len(counted.ops) <= 200, (
+        len(counted.launches), len(counted.ops))
+    assert "aten::index_add_" not in counted.ops, "pack counted the pairs: rows in a step"
