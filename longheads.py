@@ -19,9 +19,11 @@ Short names, one meaning each, here and in tiled.py:
     B batch, H query heads, Hkv key/value heads, G = H // Hkv query heads per key/value head,
     T tokens, D head dim, w chunk size (chunk_size), K chunks a query reads (num_chunks),
     F chunks whose queries read everything (full_chunks, default K), n chunks in the context
-    (the last one may be partial), g a query's own chunk, o its offset in it, r a rank,
+    (the last one may be partial), t a token, g a query's own chunk, o its offset in it,
+    r a rank,
     S candidates scored: a table of scores (..., S) holds chunks 1..S, chunk j in column j - 1,
-    b queries scored together, U chunks in the union a head's b queries picked;
+    b queries scored together, U slots of a union: the most chunks one head's b queries picked
+    together, over all heads (a head that picked fewer fills its slots with unpicked chunks);
     tiled.py adds m, chunks up to a block's last query, and P, (query, chunk) pairs.
 
 longheads_attention, the section to copy (math and torch only), takes a chunk of queries at a
@@ -32,8 +34,9 @@ alone. Masked scores are wasted work, and the code stays short and exact; tiled.
 path, reads only what each query picked. Autograd works through longheads_attention. Without
 autograd its memory is linear in T; with it, what every chunk computed is kept for the backward
 pass, which grows about as T^2.
-After the section: the rules every entry point shares (the paper's number of chunks, argument
-checks) and longheads_reference, a slow per-query loop written from DESIGN.md: the test oracle.
+The argument rules are in the section (check_options, check_qkv); after it: the paper's number
+of chunks, the checks of an entry point that sees no tensors yet (check_config), and
+longheads_reference, a slow per-query loop written from DESIGN.md: the test oracle.
 Plain PyTorch (CPU and CUDA), written to be read; not a kernel.
 """
 
@@ -93,11 +96,11 @@ def chunk_summaries(q, k, v):
     """§1: q (B, Hkv, G, n, w, D), k and v (B, Hkv, 1, n, w, D), all at chunk-local positions,
     n chunks -> one summary key per chunk and query head (B, Hkv, G, n, D), float32 or wider.
 
-    Why a mean attention *output* may query keys (the paper's choice; its code does the same):
-    the summary is a softmax-weighted mean of the chunk's own keys, so it lies among keys, and
-    q . summary is an attention score, whatever chose the weights. The chunk query only chooses
-    them: the chunk's tokens, reading their own chunk, produce outputs; their mean stands for
-    what the chunk as a whole says, and the keys most aligned with it weigh most."""
+    Why a mean attention *output* may query keys (the paper's heuristic; its code does the
+    same): the summary is a softmax-weighted mean of the chunk's own keys, so q . summary is a
+    weighted mean of q's logits against them, whatever chose the weights. The chunk query only
+    chooses them, an output (values' dims) against keys, which no training relates: a choice,
+    not a trained quantity. select="maxkey" does without it."""
     q, k, v = [x.to(torch.promote_types(q.dtype, torch.float32)) for x in (q, k, v)]
     scale = 1.0 / math.sqrt(q.shape[-1])
     inner = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # (B, Hkv, G, n, w, w)
@@ -113,8 +116,8 @@ def candidate_scores(q, summaries, keys, rope_w, select=SELECT):
     "summary": q . summary key, summaries (B, Hkv, G, S + 1, D) of chunks 0..S; unscaled, as only
     the order matters. Why the raw query, against summaries of keys rotated to their offsets
     0..w-1 in their chunk: where a candidate will sit in the view is not known before it is
-    picked, so every candidate is scored as if the query stood just before its chunk (the raw
-    query is the query at position 0): the same small distances for all, a fair comparison.
+    picked, so every candidate is scored alike. The raw query is the query at position 0, the
+    keys sit 0..w-1 after it: distances a causal model never trained on, the same for all.
     "maxkey": the chunk's best key, keys (B, Hkv, (S + 1) * w, D) at chunk-local positions, q
     rotated to position w (rope_w: its cos and sin, each (D,)), so that the distances are 1..w."""
     S = summaries.shape[-2] - 1
@@ -131,7 +134,9 @@ def select_chunks(scores, own, num_chunks, layout=LAYOUT, local_chunks=LOCAL_CHU
     """§2: the K chunks (..., b, K) each query reads, in rank order, given scores (..., b, S) of
     candidates 1..S and own (b,), each query's own chunk g >= K: chunk 0, the best
     K - 1 - local_chunks of chunks 1..g-local_chunks (layout "position": in chunk order; "score":
-    best last), then the newest local_chunks, up to g. No step waits for the GPU."""
+    best last), then the newest local_chunks, up to g. Columns past a query's g - local_chunks
+    may be given (callers score the widest row once): they are barred. No step waits for the
+    GPU."""
     top = num_chunks - 1 - local_chunks  # the chunks chosen by score
     candidate = torch.arange(1, scores.shape[-1] + 1, device=scores.device)  # (S,): their ids
     barred = candidate > own[:, None] - local_chunks  # (b, S): read anyway, or in the future
@@ -181,7 +186,9 @@ def longheads_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_thet
     # every position up to F * w - 1, which such entries may be rotated to; (2) union_of counts
     # ids below 0 as chunk 0, which every query reads anyway; (3) an unpicked slot gets rank 0,
     # a position like any other; (4) attend_picks masks unpicked slots, and its causal mask on
-    # the own chunk also hides the padding, which comes after every real query.
+    # the own chunk also hides the padding, which comes after every real query; (5) the padded
+    # chunk's summary is never a candidate (a candidate is two chunks behind a query), and the
+    # padding queries' outputs are cut off at the end.
     table_rows = torch.arange(F * w, device=dev).clamp(max=len(cos) - 1)  # (F * w,): (1)
     cos, sin = cos[table_rows], sin[table_rows]  # (F * w, D) each
     pad = (0, 0, 0, n * w - T)  # zeros after the last token fill the last chunk
@@ -224,10 +231,11 @@ def union_of(ids, g):
 
 def attend_picks(q, ids, g, kc, vc, cos, sin):
     """§3 for the queries of chunk g, q (B, Hkv, G, w, D) raw, each reading the chunks ids
-    (B, Hkv, G, w, K) at their ranks: every query scores the union of its head's picks, and what
-    it did not pick is masked. kc, vc (B, Hkv, 1, n, w, D), keys rotated to chunk offsets."""
+    (B, Hkv, G, w, K') at their ranks (K' = K, or F where g < F): every query scores the union of
+    its head's picks, and what it did not pick is masked. kc, vc (B, Hkv, 1, n, w, D), keys
+    rotated to chunk offsets."""
     # The README's toy example, walked through (w = 4, K = 4, one head, n = 6 chunks, g = 5):
-    # the queries at offsets 0..3 pick ids [0, 2, 4, 5] three times, then [0, 3, 4, 5].
+    # suppose the queries at offsets 0..3 pick ids [0, 2, 4, 5] three times, then [0, 3, 4, 5].
     #   union, newest first: [5, 4, 3, 2, 0], U = 5
     #   rank per slot for the query at offset 2 (token 22): [3, 2, 0 (unpicked), 1, 0]
     #   pos = (K - 1 - rank) * w + 2: [2, 6, 14 (masked), 10, 14]. Chunk 2's keys, rotated to
