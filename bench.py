@@ -518,9 +518,12 @@ def table(records, ratio):
             result = "failed: " + r["error"]
         elif r["kind"] == "prefill":
             gib = lambda x: f"{x / 2**30:.2f} GiB"
-            result = f"{r['seconds']:.2f} s, peak {gib(r['peak_bytes'])} (+{gib(r['work_bytes'])})"
+            gpu = f" (GPU {r['gpu_seconds']:.2f} s)" if r.get("gpu_seconds") is not None else ""
+            result = (f"{r['seconds']:.2f} s{gpu}, peak {gib(r['peak_bytes'])} "
+                      f"(+{gib(r['work_bytes'])})")
         elif r["kind"] == "decode":
-            result = f"{r['ms_per_token']:.1f} ms/token"
+            gpu = r.get("gpu_ms_per_token")
+            result = f"{r['ms_per_token']:.1f} ms/token" + (f" (GPU {gpu:.1f})" if gpu else "")
         else:
             result = (f"SDPA {r['sdpa_seconds']:.2f} s, tiled {r['tiled_seconds']:.2f} s, "
                       f"short {r['short_seconds']:.2f} s")

@@ -38,7 +38,7 @@ LONGHEADS_EXAMPLES=$examples timeout "$tests_s" "$PY" -m pytest -q --tb=short -r
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 echo "== bench: $shape, $device, LongHeads w=256 K=16 (the paper's); full attention to $full_max"
-echo "   ${offload:+and LongHeads offloaded at 8192 (its CPU-side gathers are slow past it)}"
+[ -z "$offload" ] || echo "   and LongHeads offloaded at 8192 (its CPU-side gathers are slow past it)"
 # shellcheck disable=SC2086
 timeout "$((bench_s + 30))" "$PY" bench.py --shape "$shape" --device "$device" $offload \
   --lengths $lengths --full-max "$full_max" --decode-lengths $decode --attention-lengths \

@@ -11,7 +11,7 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import tiled
 from bench import LiveBytes, block_working_bytes, estimate_memory
@@ -20,7 +20,7 @@ from test_longheads import PROPERTY, problems
 from tiled import LongHeadsCache, tiled_attention
 
 
-@PROPERTY
+@settings(max_examples=min(PROPERTY.max_examples, 25), deadline=None)  # ~10 s: slow slices
 @given(problems("small", full=True), st.integers(1, 7), st.sampled_from(["cpu", "cuda"]))
 def test_pieces_sliced_to_one_row_or_head_equal_the_reference(problem, block_size, for_device):
     """With a working-set bound of one byte, read_rows reads one row and own_chunk one head at a
