@@ -367,9 +367,11 @@ def read_rows(cache, q_pairs, pair, row_groups, m):
 
     Why slices: the rows of a block gather ~3 GiB each of keys and values at the 7B shape and
     128k tokens (and the plain piece copies both to float32); a slice holds rows_per_slice of
-    them, so the working set of this step is cache.piece_bytes, whatever the block's size. The
-    queries go from the pairs to a slice's rows and its outputs back, so that no array of all
-    slots (padding included) is ever made."""
+    them, so the working set of this step is cache.piece_bytes, whatever the block's size. In
+    so large a block the queries go from the pairs to a slice's rows and its outputs back, so
+    that no array of all slots (padding included) is ever made. A CPU's block, small, moves
+    them once, not once a slice: its row groups are many and short, and there each small
+    operation costs a wake-up of every thread (8% of a prefill)."""
     P, D = q_pairs.shape
     chunks_per_head = cache.kv.k.shape[2] // cache.w
     wide = torch.promote_types(q_pairs.dtype, torch.float32)
@@ -377,21 +379,37 @@ def read_rows(cache, q_pairs, pair, row_groups, m):
     out = q_pairs.new_empty(P + 1, D, dtype=wide)  # (P + 1, D)
     lse = q_pairs.new_empty(P + 1, dtype=wide)  # (P + 1,)
     source = pair.clamp(max=P - 1)  # (slots,): an empty slot reads some pair's query, in vain
-    first = 0
+    at_once = not cache.cuda_layout  # a CPU's block is small: BLOCK_SCORES bounds it
+    q_slots = q_pairs.index_select(0, source) if at_once else None  # (slots, D)
+    first, done = 0, []  # done: pieces (first slot, out, lse) not yet back with their pairs
     for row_bucket, length in row_groups:
         kv_rows = row_bucket // m * chunks_per_head + row_bucket % m  # (n_rows,): k.view(-1, w, D)
         step = rows_per_slice(cache, length, D)
         for r in range(0, len(row_bucket), step):
             k_rows, v_rows = cache.kv.chunks(kv_rows[r:r + step])  # (n, w, D) each: one read
             lo, hi = first + r * length, first + min(r + step, len(row_bucket)) * length
-            q_piece = q_pairs.index_select(0, source[lo:hi]).view(-1, length, D)  # (n, length, D)
-            piece_out, piece_lse = attention_lse(q_piece, k_rows, v_rows,
+            q_piece = q_slots[lo:hi] if at_once else q_pairs.index_select(0, source[lo:hi])
+            piece_out, piece_lse = attention_lse(q_piece.view(-1, length, D), k_rows, v_rows,
                                                  fused=not cache.cuda_layout)
-            # (n, length, D) and (n, length) back to their pairs
-            out.index_copy_(0, pair[lo:hi], piece_out.view(-1, D))
-            lse.index_copy_(0, pair[lo:hi], piece_lse.view(-1))
+            # (n, length, D), (n, length) -> (n * length, D), (n * length,)
+            done.append((lo, piece_out.view(-1, D), piece_lse.view(-1)))
+            if not at_once:
+                done = put_back(out, lse, pair, done)
         first += len(row_bucket) * length
+    put_back(out, lse, pair, done)
     return out[:P], lse[:P]
+
+
+def put_back(out, lse, pair, done):
+    """Pieces' outputs to their pairs' rows of out (P + 1, D) and lse (P + 1,), one scatter each;
+    done: [(first slot, out (n, D), lse (n,))] of consecutive slots. Returns [], none left."""
+    if done:
+        lo = done[0][0]
+        piece_out, piece_lse = [x[0] if len(x) == 1 else torch.cat(x) for x in
+                                ([d[1] for d in done], [d[2] for d in done])]
+        out.index_copy_(0, pair[lo:lo + len(piece_lse)], piece_out)
+        lse.index_copy_(0, pair[lo:lo + len(piece_lse)], piece_lse)
+    return []
 
 
 def rows_per_slice(cache, length, D):
