@@ -237,8 +237,9 @@ class ChunkedKV(torch.nn.Module):
         numel = math.prod(shape)
         buf = self.scratch.get(name)
         if buf is None or buf.numel() < numel:
+            pinned = self.offload and like.device.type == "cpu"  # a staging buffer
             buf = self.scratch[name] = torch.empty(numel, dtype=like.dtype, device=like.device,
-                                                   pin_memory=like.is_pinned())
+                                                   pin_memory=pinned)
         return buf[:numel].view(shape)
 
 
