@@ -2,7 +2,7 @@
 a view is a kernel launch of a few microseconds, and a step's tiny tensors make the host, which
 launches them, the bottleneck. Counted on meta tensors (shapes only) at Llama-2-7B's shape, 32k
 tokens cached, one layer. Before issue 29: 229 operations, 135 of them launches (both with one
-head per group and with four); now 192 and 93: a step's pairs read their chunks directly
+head per group and with four); now 190 and 93: a step's pairs read their chunks directly
 (read_pairs, no pack), its one query needs no mask, its key's rotation and its ranks'
 positions are slices and a table, not gathers.
 """
