@@ -49,3 +49,26 @@ def test_a_decoding_step_launches_at_most_100_kernels(Hkv):
     assert len(counted.launches) <= 100 and len(counted.ops) <= 200, (
         len(counted.launches), len(counted.ops))
     assert "aten::index_add_" not in counted.ops, "pack counted the pairs: rows in a step"
+
+
+# reads of a value back to the host that the CPU's recorder (test_longheads.RecordOps) cannot
+# see, or does not count as waits: on a GPU each one stalls the host until the GPU catches up
+UNSEEN_WAITS = (".tolist(", ".cpu(", ".numpy(", ".item(", "torch.equal", "bincount", "allclose")
+
+
+def test_the_gpu_path_reads_nothing_back_that_the_recorder_cannot_see():
+    """The functions a block and a step run in the GPU layout, read as text: none of the reads
+    back the recorder misses (pack's exact count and .tolist() serve the CPU's layout only, and
+    an offloaded gather's rows.cpu() is its one deliberate wait: both are left out)."""
+    import inspect
+    import tiled
+    path = [tiled.LongHeadsCache.forward, tiled.LongHeadsCache._store,
+            tiled.LongHeadsCache._summarise, tiled.ChunkedKV.write, tiled.ChunkedKV.span,
+            tiled.ChunkedKV._stage, tiled.attend_first_chunks, tiled.attend_block,
+            tiled.score_candidates, tiled.read_picks, tiled.read_pairs, tiled.read_rows,
+            tiled.put_back, tiled.rows_per_slice, tiled.own_chunk, tiled.own_mask,
+            tiled.causal_attention, tiled.attention_lse, tiled.attention_lse_plain, tiled.merge,
+            tiled.tile_bound]
+    found = [(f.__name__, w) for f in path for w in UNSEEN_WAITS if w in inspect.getsource(f)]
+    assert found == []
+    assert ".tolist(" in inspect.getsource(tiled.pack), "the check reads the source it names"
