@@ -9,10 +9,13 @@ chunks, and the work is laid out so that few, large torch operations do it:
     and chunk summaries, preallocated. A prefill is one call with the whole prompt, a decoding step
     one call with one token: the same code runs both (§4), so their outputs agree.
   - Queries go a block at a time, so the working memory is bounded whatever T is. Queries in the
-    first K chunks read every key at its true position: plain causal attention (SDPA).
+    first F chunks (full_chunks, default K) read every key at its true position: plain causal
+    attention (SDPA).
   - Past them, a query's own chunk is read causally from one window of keys shared by the block,
     and its other K - 1 picks become (query, chunk) pairs, laid out in rows by chunk (pack), so
-    that a chunk's keys are read once however many queries picked it.
+    that a chunk's keys are read once however many queries picked it ("pair rows"; the "key
+    rows" of k.view(-1, w, D) are chunks, as in longheads.attend_picks). A decoding step's
+    pairs read their chunks directly (read_pairs): one query has nothing to share.
   - Each piece returns its output and its log-sum-exp (attention_lse), and merge combines a
     query's pieces into one softmax, as flash attention combines blocks of keys. A piece is
     computed a slice at a time (read_rows, own_chunk), so that its working set stays under
@@ -22,7 +25,7 @@ chunks, and the work is laid out so that few, large torch operations do it:
   - On a GPU the pieces are the plain computation (attention_lse_plain: float32 logits, no
     tensor cores), not a fused kernel. Why: PyTorch's fused CUDA kernels that return the
     log-sum-exp are private ops (flash's takes no mask, the memory-efficient one pads the
-    log-sum-exp), and nothing here has a GPU to test one against the plain piece; the slices
+    log-sum-exp), and no GPU has yet run this code to test one against the plain piece; the slices
     bound the plain piece's memory on any device, and the CPU runs it in every test.
   - offload=True keeps keys and values in page-locked CPU memory of exactly their size
     (host_zeros); a block copies to the GPU only the chunks it reads.
@@ -37,8 +40,9 @@ backward pass reads (check_grad_call).
 torch.compile runs through it: the graph breaks where pack reads row lengths from the data, and
 so that dynamo can break there, no generator object is alive across it (lists, not generators).
 
-Shapes as in longheads.py; here also b queries in a block, m chunks up to a block's last query,
-P (query, chunk) pairs of a block.
+Shapes as in longheads.py (b: here the queries of a block); also m chunks up to a block's last
+query, P (query, chunk) pairs of a block, s..e-1 a block's queries; in the attention helpers
+N independent attentions of Q queries over S_k keys each.
 """
 import math
 import weakref
@@ -343,7 +347,7 @@ def read_pairs(cache, q_pairs, rows):
     pairs share a chunk. A slice of pairs at a time, as read_rows."""
     D, step = q_pairs.shape[-1], rows_per_slice(cache, 1, q_pairs.shape[-1])
     pieces = [attention_lse(q_pairs[i:i + step, None], *cache.kv.chunks(rows[i:i + step]),
-                            fused=not cache.cuda_layout)  # (n, 1, D) against (n, w, D) each
+                            fused=not cache.cuda_layout)  # (p, 1, D) against (p, w, D) each
               for i in range(0, len(rows), step)]
     out, lse = [torch.cat(x) if len(x) > 1 else x[0] for x in zip(*pieces)]  # (P, 1, D), (P, 1)
     return out.view(-1, D), lse.view(-1)
@@ -364,7 +368,7 @@ def read_rows(cache, q_pairs, pair, row_groups, m):
     """Each row of pairs against its chunk's keys, a slice of rows at a time. q_pairs (P, D), the
     pairs' queries; pair (slots,), each slot's pair (P: an empty slot), as pack laid them out;
     row_groups [(bucket, length)], buckets head * m + chunk. Returns attention_lse's out (P, D) and
-    lse (P,) of every pair, one fused call per row length and slice.
+    lse (P,) of every pair, one attention_lse call (fused on the CPU) per row length and slice.
 
     Why slices: the rows of a block gather ~3 GiB each of keys and values at the 7B shape and
     128k tokens (and the plain piece copies both to float32); a slice holds rows_per_slice of
@@ -387,12 +391,12 @@ def read_rows(cache, q_pairs, pair, row_groups, m):
         kv_rows = row_bucket // m * chunks_per_head + row_bucket % m  # (n_rows,): k.view(-1, w, D)
         step = rows_per_slice(cache, length, D)
         for r in range(0, len(row_bucket), step):
-            k_rows, v_rows = cache.kv.chunks(kv_rows[r:r + step])  # (n, w, D) each: one read
+            k_rows, v_rows = cache.kv.chunks(kv_rows[r:r + step])  # (n_rows, w, D) each: one read
             lo, hi = first + r * length, first + min(r + step, len(row_bucket)) * length
             q_piece = q_slots[lo:hi] if at_once else q_pairs.index_select(0, source[lo:hi])
             piece_out, piece_lse = attention_lse(q_piece.view(-1, length, D), k_rows, v_rows,
                                                  fused=not cache.cuda_layout)
-            # (n, length, D), (n, length) -> (n * length, D), (n * length,)
+            # (n_rows, length, D), (n_rows, length) -> (n_rows * length, D), (n_rows * length,)
             done.append((lo, piece_out.view(-1, D), piece_lse.view(-1)))
             if not at_once:
                 done = put_back(out, lse, pair, done)
@@ -475,26 +479,26 @@ def tiled_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_theta=10
 # ----------------------------------------------------------------------------- attention pieces
 
 def causal_attention(q, k, v, cuda_layout=None):
-    """Causal attention of the last T of S positions: q (B, H, T, D), k, v (B, Hkv, S, D).
+    """Causal attention of the last T of S_k positions: q (B, H, T, D), k, v (B, Hkv, S_k, D).
     cuda_layout: compute as on a GPU (default: where q is)."""
-    T, S = q.shape[2], k.shape[2]
-    if T in (1, S):  # one new token sees every key; a whole sequence is SDPA's own causal case
+    T, S_k = q.shape[2], k.shape[2]
+    if T in (1, S_k):  # one new token sees every key; a whole sequence is SDPA's own causal case
         return SDPA(q, k, v, is_causal=T > 1, enable_gqa=True)
     on_gpu = q.is_cuda if cuda_layout is None else cuda_layout
     if on_gpu:
         # why: a lower-right causal bias runs the fused GPU kernels with no mask in memory; the
         # memory-efficient one takes no grouped heads, so keys and values go to every head
         G = q.shape[1] // k.shape[1]
-        k, v = [x.repeat_interleave(G, dim=1) if G > 1 else x for x in (k, v)]  # (B, H, S, D)
-        return SDPA(q, k, v, attn_mask=causal_lower_right(T, S))
+        k, v = [x.repeat_interleave(G, dim=1) if G > 1 else x for x in (k, v)]  # (B, H, S_k, D)
+        return SDPA(q, k, v, attn_mask=causal_lower_right(T, S_k))
     # why: after a cached prefix the mask must align bottom-right, which is_causal does not do,
     # and SDPA computes every score under an explicit mask: so blocks of queries each read the
     # keys up to their last one, and only a block's own triangle is computed in vain
     out = []
     for first in range(0, T, MASK_BLOCK):
         last = min(T, first + MASK_BLOCK)
-        end = S - T + last  # keys up to the block's last query
-        t = torch.arange(S - T + first, end, device=q.device)  # the block's positions
+        end = S_k - T + last  # keys up to the block's last query
+        t = torch.arange(S_k - T + first, end, device=q.device)  # the block's positions
         mask = torch.arange(end, device=q.device) <= t[:, None]  # (last - first, end)
         out.append(SDPA(q[:, :, first:last], k[:, :, :end], v[:, :, :end], attn_mask=mask,
                         enable_gqa=True))
@@ -504,7 +508,7 @@ def causal_attention(q, k, v, cuda_layout=None):
 def attention_lse(q, k, v, mask=None, fused=True):
     """Attention of one piece of keys, and its log-sum-exp, so that pieces merge later.
 
-    q (N, Q, D), already scaled; k, v (N, S, D); mask (Q, S), True where a query may look, or
+    q (N, Q, D), already scaled; k, v (N, S_k, D); mask (Q, S_k), True where a query may look, or
     None. Returns softmax(q k^T) v (N, Q, D) and logsumexp(q k^T) (N, Q), float32 or wider.
     On the CPU (and fused), one fused kernel; else, and under autograd, the plain computation,
     also its reference.
@@ -514,8 +518,8 @@ def attention_lse(q, k, v, mask=None, fused=True):
     # merge's weights are made of it
     if fused and q.device.type == "cpu" and FUSED_CPU is not None and not records_grad(q, k):
         bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(
-            ~mask, float("-inf"))  # (Q, S): the kernel takes an additive mask of q's dtype
-        # one head each: (N, 1, Q, D) against (N, 1, S, D)
+            ~mask, float("-inf"))  # (Q, S_k): the kernel takes an additive mask of q's dtype
+        # one head each: (N, 1, Q, D) against (N, 1, S_k, D)
         out, lse = FUSED_CPU(q[:, None], k[:, None], v[:, None], attn_mask=bias, scale=1.0)
         return out[:, 0].to(wide), lse[:, 0].to(wide)  # (N, Q, D), (N, Q)
     return attention_lse_plain(q, k, v, mask)
@@ -526,7 +530,7 @@ def attention_lse_plain(q, k, v, mask=None):
     wide = torch.promote_types(q.dtype, torch.float32)
     # why wide before the product: bfloat16 logits lose ~0.1 nats at a logit spread of 4, and
     # SDPA, what LongHeads is compared with, keeps its scores in float32
-    logits = q.to(wide) @ k.to(wide).transpose(-1, -2)  # (N, Q, S)
+    logits = q.to(wide) @ k.to(wide).transpose(-1, -2)  # (N, Q, S_k)
     if mask is not None:
         logits.masked_fill_(~mask, float("-inf"))
     if records_grad(q, k, v):
@@ -535,9 +539,9 @@ def attention_lse_plain(q, k, v, mask=None):
     # why in place: the logits are the piece's largest tensor; softmax and logsumexp would each
     # make one more of their size
     top = logits.amax(-1, keepdim=True)  # (N, Q, 1): every query sees a key, so finite
-    weights = logits.sub_(top).exp_()  # (N, Q, S)
+    weights = logits.sub_(top).exp_()  # (N, Q, S_k)
     total = weights.sum(-1, keepdim=True)  # (N, Q, 1)
-    out = (weights @ v.to(wide)).div_(total)  # (N, Q, S) @ (N, S, D) -> (N, Q, D)
+    out = (weights @ v.to(wide)).div_(total)  # (N, Q, S_k) @ (N, S_k, D) -> (N, Q, D)
     return out, (top + total.log()).squeeze(-1)  # (N, Q, D), (N, Q)
 
 
