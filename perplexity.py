@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import passkey
 from longheads import CHUNK_SIZE, LAYOUT, LAYOUTS, LOCAL_CHUNKS, SELECT
+from model import PREFILL_PIECE
 
 ATTENTIONS = ("full", "longheads", "window")
 LOGIT_BLOCK = 1024  # positions per output-layer call: (1024, vocab) logits at a time
@@ -59,7 +60,10 @@ def bucket_means(nll, edges):
 @torch.no_grad()
 def token_nll(model, ids):
     """ids (1, T) -> (T - 1,) float32: the NLL of token t + 1 given tokens 0..t, one prefill."""
-    h = model.hidden(ids, model.new_caches(1, ids.shape[1]))[0, :-1]  # (T - 1, C): the last
+    caches = model.new_caches(1, ids.shape[1])
+    # in Llama.prefill's pieces, the same computation as one call in less working memory
+    h = torch.cat([model.hidden(ids[:, s:s + PREFILL_PIECE], caches)[0]  # (<= piece, C) each
+                   for s in range(0, ids.shape[1], PREFILL_PIECE)])[:-1]  # (T - 1, C): the last
     targets = ids[0, 1:]  # position has no next token to predict
     return torch.cat([F.cross_entropy(model.lm_head(h[a:a + LOGIT_BLOCK]).float(),  # (b, vocab)
                                       targets[a:a + LOGIT_BLOCK], reduction="none")

@@ -50,6 +50,25 @@ def test_a_second_generate_through_the_caches_continues_the_conversation(tiny, a
 
 # ----------------------------------------------------------------------------- gradients
 
+@pytest.mark.parametrize("attention", ["full", "longheads"])
+def test_a_prompt_in_pieces_is_the_prompt_in_one_call(tiny, attention):
+    """Llama.prefill (what generate and passkey.py feed a prompt through): pieces of 5 and 11
+    tokens, across chunk boundaries and past the budget, give one call's last hidden state, and
+    leave the caches as one call does (the next token's output agrees)."""
+    model = llama(tiny, attention, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 45), generator=gen)
+    outs = []
+    for piece in (45, 11, 5):
+        caches = model.new_caches(2, 46)
+        with torch.no_grad():
+            last = model.prefill(ids, caches, piece=piece)  # (B, C)
+            outs.append((last, model.hidden(ids[:, -1:], caches)[:, -1]))
+    for last, after in outs[1:]:
+        torch.testing.assert_close(last, outs[0][0])
+        torch.testing.assert_close(after, outs[0][1])
+
+
 @GRAD_EXAMPLES
 @given(problems("small", full=True), st.sampled_from(["function", "cache", "cuda layout"]))
 def test_gradients_through_the_fast_path_equal_the_references(problem, path):
