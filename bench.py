@@ -28,7 +28,8 @@ the launches. --prefill-piece N feeds each prompt N tokens at a time.
     python bench.py --estimate-memory     # the GPU peak on paper: llama2-7b, 131072 tokens
 
 prints, with no measurement, the estimated GPU memory of a LongHeads prefill (default: the 7B
-shape at 128k tokens, bfloat16), fed whole and in pieces of 8192 (--prefill-piece), with and
+shape at 128k tokens, bfloat16), fed whole and in Llama.prefill's pieces (2048 tokens, what
+generate and the scripts use; --prefill-piece sets another), with and
 without offload, part by part: weights, keys and values, the rest of the caches, working memory
 (one layer's peak, the GPU layout's code run on meta tensors: see "memory on paper" below).
 """
@@ -51,7 +52,7 @@ from torch.utils._pytree import tree_leaves
 from longheads import (CHUNK_SIZE, LAYOUT, LAYOUTS, LOCAL_CHUNKS, SELECT, SELECTS, check_config,
                        default_num_chunks, longheads_attention)
 from tiled import SUMMARY_TOKENS, LongHeadsCache, tiled_attention
-from model import Llama, LlamaConfig
+from model import PREFILL_PIECE, Llama, LlamaConfig
 
 SHAPES = {  # random-weight Llamas with the cost of real ones
     "tiny": dict(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
@@ -361,7 +362,7 @@ def memory_table(args):
     size = torch.finfo(dtype).bits // 8
     lines = [f"GPU memory on paper: {shape}, {length} tokens, LongHeads {args.chunk_size}x"
              f"{num_chunks}, {args.dtype}, the GPU layout run on meta tensors"]
-    for piece in [length, args.prefill_piece or 8192]:
+    for piece in [length, args.prefill_piece or PREFILL_PIECE]:  # whole, and as generate feeds it
         m = estimate_memory(shape, length, piece, args.chunk_size, num_chunks, dtype)
         params = m["weights"] // size
         kv = (f"{cfg.num_hidden_layers} layers x 2 x {cfg.num_key_value_heads} heads x {length}"
