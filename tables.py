@@ -1,7 +1,9 @@
 """The tables of RESULTS.md and README.md, made from the committed records in results/.
 
-Every record is one trial as passkey.py --json wrote it, the command that made it inside. The
-Markdown files call these functions from cog blocks (cogapp): `cog -r RESULTS.md README.md`
+A record is what a script's --json wrote, the command that made it inside: one passkey trial
+(passkey.py: results/passkey-*.json, results/distractors-*.json), one prefill's NLL by position
+(perplexity.py: results/perplexity-*.json), or a benchmark run (bench.py: results/bench-*.json).
+The Markdown files call these functions from cog blocks (cogapp): `cog -r RESULTS.md README.md`
 rewrites the tables from the records, and `cog --check RESULTS.md README.md` (in the test suite)
 fails when a table and its records disagree.
 
@@ -23,15 +25,30 @@ def records(pattern="distractors-*.json"):
 
 
 def setting(r):
-    """A record's attention in a few words: full, truncated, or LongHeads' w x K and options."""
+    """A record's attention in a few words: full, truncated, window, or LongHeads' w x K and the
+    options that differ from the paper's."""
     if r["attention"] != "longheads":
         return r["attention"]
     words = [f"{r['chunk_size']} × {r['num_chunks']}", r["layout"]]
     if r["select"] != "summary":
         words.append(r["select"])
+    if r.get("local_chunks", 2) != 2:
+        words.append(f"local {r['local_chunks']}")
+    if r.get("select_layers"):
+        words.append("layers {}-{}".format(*r["select_layers"]))
     if r.get("full_chunks"):
         words.append(f"full {r['full_chunks']}")
     return " ".join(words)
+
+
+NAMES = {"256 × 32 position": "256 × 32 position (the paper's rule)",
+         "128 × 8 score": "128 × 8 score (the retrieval setting)",
+         "window": "window (256 × 32, local 31)"}
+
+
+def name(s):
+    """A setting as a table shows it: the two named settings and the window say what they are."""
+    return NAMES.get(s, s)
 
 
 def prompt(r):
@@ -59,7 +76,7 @@ def distractor_table():
     head = ["setting"] + [f"{n // 1024}k {p}, {d}" for n, p, d in columns]
     lines = [row_line(head), row_line(["---"] * len(head))]
     for s in rows:
-        lines.append(row_line([s] + [cell(cells[s, c]) if cells[s, c] else
+        lines.append(row_line([name(s)] + [cell(cells[s, c]) if cells[s, c] else
                                      "= full" if s != "full" and c[0] <= reads_all_below(s)
                                      else "–" for c in columns]))
     return "\n".join(lines)
@@ -69,7 +86,7 @@ def reads_all_below(s):
     """The prompt length up to which a setting reads every token, as full attention does: the
     trained length for truncated, chunk_size x max(num_chunks, full_chunks) for LongHeads
     ("128 × 8 score full 64": 8192)."""
-    if s in ("full", "truncated"):
+    if s in ("full", "truncated", "window"):
         return FULL_LENGTH
     words = s.split()
     chunks = int(words[words.index("full") + 1]) if "full" in words else int(words[2])
@@ -91,7 +108,7 @@ def agreement_table(length=FULL_LENGTH):
         pairs = rows[s]
         where = [r for r, f in pairs if f["correct"]]
         same = sum(first_number(r) == first_number(f) for r, f in pairs)
-        lines.append(row_line([s, f"{sum(r['correct'] for r in where)}/{len(where)}",
+        lines.append(row_line([name(s), f"{sum(r['correct'] for r in where)}/{len(where)}",
                                f"{same}/{len(pairs)}"]))
     return "\n".join(lines)
 
@@ -109,7 +126,7 @@ def answer_table(length=FULL_LENGTH, haystack="filler", wording="passkey", distr
     lines = [row_line(head), row_line(["---"] * len(head))]
     by = {(setting(r), r["depth"]): r for r in rs}
     for s in sorted({setting(r) for r in rs}, key=setting_order):
-        lines.append(row_line([s] + [answered(by.get((s, d))) for d, _ in asked]))
+        lines.append(row_line([name(s)] + [answered(by.get((s, d))) for d, _ in asked]))
     return "\n".join(lines)
 
 
@@ -134,8 +151,134 @@ def binding_table():
              row_line(["---"] * 5)]
     for (s, length), (n, own, same) in sorted(cells.items(),
                                               key=lambda c: (c[0][1], setting_order(c[0][0]))):
-        lines.append(row_line([s, f"{length // 1024}k", str(n), str(own), str(same)]))
+        lines.append(row_line([name(s), f"{length // 1024}k", str(n), str(own), str(same)]))
     return "\n".join(lines)
+
+
+def passkey_table(haystack, wording="passkey"):
+    """Settings x lengths on the paper's one-key prompt (or its book version): keys found, of the
+    trials; "= full" where a setting reads everything at that length."""
+    rs = [r for r in records("passkey-*.json")
+          if (r["haystack"], r["wording"], len(r["distractors"])) == (haystack, wording, 0)]
+    lengths = sorted({r["length"] for r in rs})
+    cells = defaultdict(list)
+    for r in rs:
+        cells[setting(r), r["length"]].append(r)
+    lines = [row_line(["setting"] + [f"{n // 1024}k" for n in lengths]),
+             row_line(["---"] * (len(lengths) + 1))]
+    for s in sorted({setting(r) for r in rs}, key=setting_order):
+        lines.append(row_line([name(s)] + [cell(cells[s, n]) if cells[s, n] else
+                                           "= full" if s != "full" and n <= reads_all_below(s)
+                                           else "–" for n in lengths]))
+    return "\n".join(lines)
+
+
+def perplexity_table():
+    """Settings x position buckets: the mean NLL (nats) of the next token, one prefill of the
+    book's opening, from perplexity.py's records."""
+    rs = records("perplexity-*.json")
+    buckets = [f"NLL [{b['start'] // 1024}k, {b['end'] // 1024}k)" for b in rs[0]["buckets"]]
+    lines = [row_line(["setting", *buckets, "seconds"]), row_line(["---"] * (len(buckets) + 2))]
+    for r in sorted(rs, key=lambda r: setting_order(setting(r))):
+        lines.append(row_line([name(setting(r))] + [f"{b['nll']:.3f}" for b in r["buckets"]]
+                              + [f"{r['seconds']:.0f}"]))
+    return "\n".join(lines)
+
+
+def commands(pattern):
+    """The distinct commands that made the records matching pattern, one per line, in file
+    order: what reruns a table."""
+    seen = dict.fromkeys(r["command"] for r in records(pattern))
+    return "\n".join(seen)
+
+
+def demo_transcript(file="passkey-32768-r1024score-filler.json"):
+    """The demo's trial lines and summary, as passkey.py printed them, from its record."""
+    import passkey  # torch and all: only the README's block needs it
+    rs = json.loads((RESULTS / file).read_text())
+    ok, n = sum(r["correct"] for r in rs), len(rs)
+    seconds = sum(r["seconds"] for r in rs)
+    return "\n".join([*map(passkey.trial_line, rs), "accuracy",
+                      f"  longheads {rs[0]['length']:>7}: {ok}/{n} = {ok / n:.0%}, "
+                      f"{seconds / n:.1f} s per trial"])
+
+
+def demo_minutes(file="passkey-32768-r1024score-filler.json"):
+    """The demo's five trials, in minutes, from its record."""
+    return f"{sum(r['seconds'] for r in json.loads((RESULTS / file).read_text())) / 60:.1f}"
+
+
+def bench(file="bench-cpu.json"):
+    return json.loads((RESULTS / file).read_text())
+
+
+def bench_settings(rs):
+    """full first, then the LongHeads settings in the order of their first record."""
+    return ["full"] + list(dict.fromkeys(r["setting"] for r in rs if "setting" in r))
+
+
+def bench_prefill_table(file="bench-cpu.json"):
+    """Prefill seconds per length and setting (ratio to full attention), and the working memory
+    beyond the loaded model."""
+    rs = [r for r in bench(file)["records"] if r["kind"] == "prefill"]
+    by = {(r.get("setting", "full"), r["length"]): r for r in rs}
+    names = bench_settings(rs)
+    lines = [row_line(["tokens"] + [bench_name(s) for s in names]),
+             row_line(["---"] * (len(names) + 1))]
+    for n in sorted({r["length"] for r in rs}):
+        full = by["full", n]["seconds"]
+        lines.append(row_line([f"{n // 1024}k"] + [
+            f"{by[s, n]['seconds']:.1f} s" + ("" if s == "full" else
+                                              f" ({by[s, n]['seconds'] / full:.2f})")
+            + f", +{by[s, n]['work_bytes'] / 2**30:.2f} GiB" for s in names]))
+    return "\n".join(lines)
+
+
+def bench_decode_table(file="bench-cpu.json"):
+    """Milliseconds per decoded token after each cache length (ratio to full attention)."""
+    rs = [r for r in bench(file)["records"] if r["kind"] == "decode"]
+    by = {(r.get("setting", "full"), r["length"]): r["ms_per_token"] for r in rs}
+    lengths = sorted({r["length"] for r in rs})
+    lines = [row_line(["setting"] + [f"after {n // 1024}k" for n in lengths]),
+             row_line(["---"] * (len(lengths) + 1))]
+    for s in bench_settings(rs):
+        lines.append(row_line([bench_name(s)] + [
+            f"{by[s, n]:.1f} ms" + ("" if s == "full" else f" ({by[s, n] / by['full', n]:.2f})")
+            for n in lengths]))
+    return "\n".join(lines)
+
+
+def bench_attention_table(file="bench-cpu.json"):
+    """Attention alone: SDPA (full), the fast path and the short function, seconds and ratios."""
+    rs = [r for r in bench(file)["records"] if r["kind"] == "attention"]
+    lines = [row_line(["setting", "q, k, v", "SDPA", "tiled", "short", "SDPA / tiled",
+                       "short / tiled"]), row_line(["---"] * 7)]
+    for r in rs:
+        sdpa, tiled, short = r["sdpa_seconds"], r["tiled_seconds"], r["short_seconds"]
+        lines.append(row_line([bench_name(r["setting"]), r["attention"], f"{sdpa:.1f} s",
+                               f"{tiled:.1f} s", f"{short:.1f} s", f"{sdpa / tiled:.2f}",
+                               f"{short / tiled:.2f}"]))
+    return "\n".join(lines)
+
+
+def bench_name(s):
+    """bench.py's '256x32' as the tables write settings."""
+    return s if s == "full" else name(s.replace("x", " × ") + " position")
+
+
+def prefill_ratio(setting, length=32768, file="bench-cpu.json"):
+    """LongHeads' prefill time over full attention's, from the benchmark record: '0.59×'."""
+    by = {(r.get("setting", "full"), r["length"]): r["seconds"]
+          for r in bench(file)["records"] if r["kind"] == "prefill"}
+    return f"{by[setting, length] / by['full', length]:.2f}×"
+
+
+def short_over_tiled(attention="text", file="bench-cpu.json"):
+    """The short function's time over the fast path's, attention alone, per setting: '4.85×'."""
+    rs = [r for r in bench(file)["records"] if r["kind"] == "attention"
+          and r["attention"] == attention]
+    return " and ".join(f"{r['short_seconds'] / r['tiled_seconds']:.2f}× "
+                        f"({bench_name(r['setting'])})" for r in rs)
 
 
 def answered(r):
@@ -158,9 +301,9 @@ def trial_id(r):
 
 
 def setting_order(s):
-    """full and truncated first, then LongHeads by budget, then by name."""
-    if s in ("full", "truncated"):
-        return (0, s)
+    """full, truncated and window first, then LongHeads by budget, then by name."""
+    if s in ("full", "truncated", "window"):
+        return (0, ("full", "truncated", "window").index(s))
     w, _, k = s.split()[:3]
     return (1, int(w) * int(k), s)  # "128 × 8 ..."
 
