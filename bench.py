@@ -110,10 +110,8 @@ def prefill(model, ids, piece=None):
     """The next token's logits after the prompt ids (1, T), fed whole or `piece` tokens at a time
     (the same caches: each piece's activations are all a layer holds at once)."""
     caches = model.new_caches(1, ids.shape[1])
-    piece = piece or ids.shape[1]
-    for s in range(0, ids.shape[1], piece):
-        hidden = model.hidden(ids[:, s:s + piece], caches)  # (1, piece, C)
-    return model.lm_head(hidden[:, -1])  # the next token's logits only
+    last = model.prefill(ids, caches, piece=piece or ids.shape[1])  # (1, C)
+    return model.lm_head(last)  # the next token's logits only
 
 
 @torch.no_grad()
