@@ -8,14 +8,19 @@ chunks, and the work is laid out so that few, large torch operations do it:
   - LongHeadsCache holds one layer's keys (rotated once, to their offset in their chunk), values
     and chunk summaries, preallocated. A prefill is one call with the whole prompt, a decoding step
     one call with one token: the same code runs both (§4), so their outputs agree.
-  - Queries go a block at a time, so the working memory is bounded whatever T is. Queries in the
-    first F chunks (full_chunks, default K) read every key at its true position: plain causal
-    attention (SDPA).
+  - Queries go a block at a time (default_block_size), so the working memory is bounded whatever
+    T is. Queries in the first K chunks read every key at its true position: plain causal
+    attention (SDPA) over keys the cache also keeps at true positions.
   - Past them, a query's own chunk is read causally from one window of keys shared by the block,
     and its other K - 1 picks become (query, chunk) pairs, laid out in rows by chunk (pack), so
     that a chunk's keys are read once however many queries picked it ("pair rows"; the "key
-    rows" of k.view(-1, w, D) are chunks, as in longheads.attend_picks). A decoding step's
-    pairs read their chunks directly (read_pairs): one query has nothing to share.
+    rows" of k.view(-1, w, D) are chunks, as in longheads.attend_picks). On a CPU a chunk gets
+    one row, padded to a multiple of TILE pairs; on a GPU rows are tiles of TILE pairs whose
+    number comes from a bound (tile_bound), not a count, so that no step waits for the GPU
+    (selection keeps its picks by a stable sort, not a boolean mask, for the same reason).
+    for_device="cuda" runs the GPU's layout on a CPU, and the tests run it so, under a recorder
+    of every operation that fails on any that would wait. A decoding step's pairs read their
+    chunks directly (read_pairs): one query has nothing to share.
   - Each piece returns its output and its log-sum-exp (attention_lse), and merge combines a
     query's pieces into one softmax, as flash attention combines blocks of keys. A piece is
     computed a slice at a time (read_rows, own_chunk), so that its working set stays under
@@ -31,8 +36,8 @@ chunks, and the work is laid out so that few, large torch operations do it:
     (host_zeros); a block copies to the GPU only the chunks it reads.
 
 The same property tests hold this file and longheads_attention to longheads_reference, the
-per-query definition (test_longheads.py: any budget, every variant, grouped-query attention,
-prefill against decoding; test_cuda.py: the same on a GPU). Gradients flow through one call on a
+per-query definition (test_longheads.py: any budget, grouped-query attention, prefill against
+decoding, both layouts of the work; tests/test_cuda.py: the same on a GPU). Gradients flow through one call on a
 fresh cache (tiled_attention, a model's forward without caches), and equal the reference's; with
 autograd on, a cache refuses a second call, which would write over what the first one's
 backward pass reads (check_grad_call).
@@ -50,8 +55,8 @@ import weakref
 import torch
 from torch.nn.attention.bias import causal_lower_right
 
-from longheads import (CHUNK_SIZE, LAYOUT, LOCAL_CHUNKS, SELECT, apply_rope, candidate_scores,
-                       check_config, check_qkv, chunk_summaries, rope_table, select_chunks)
+from longheads import (CHUNK_SIZE, apply_rope, check_args, check_config, chunk_summaries, need,
+                       rope_table, select_chunks)
 
 SUMMARY_TOKENS = 4096  # chunks are summarised this many tokens at a time (bounds working memory)
 BLOCK_SCORES = 2**24  # default query block: about this many (query, key) scores (64 MiB float32)
@@ -77,17 +82,14 @@ class LongHeadsCache(torch.nn.Module):
     """
 
     def __init__(self, batch, num_heads, num_kv_heads, max_len, head_dim, *, num_chunks,
-                 chunk_size=CHUNK_SIZE, rope=None, rope_theta=10000.0, block_size=None,
-                 dtype=torch.float32, device=None, offload=False, layout=LAYOUT, select=SELECT,
-                 local_chunks=LOCAL_CHUNKS, full_chunks=None, for_device=None):
+                 chunk_size=CHUNK_SIZE, rope=None, rope_theta=None, block_size=None,
+                 dtype=torch.float32, device=None, offload=False, for_device=None):
         super().__init__()
         device = torch.device(device or "cpu")
-        check_config(num_heads, num_kv_heads, chunk_size, num_chunks, layout, select,
-                     local_chunks, full_chunks)
-        check_cache_options(block_size, device, offload, select, for_device)
+        check_config(num_heads, num_kv_heads, chunk_size, num_chunks)
+        check_cache_options(batch, max_len, block_size, device, offload, for_device, rope,
+                            rope_theta)
         self.w, self.K, self.G = chunk_size, num_chunks, num_heads // num_kv_heads
-        self.F = full_chunks or num_chunks  # the queries of chunks 0..F-1 read everything
-        self.layout, self.select, self.local_chunks = layout, select, local_chunks
         # the work laid out as for a GPU (tiles, the plain pieces, no waits) or for a CPU; the
         # device's own unless for_device says otherwise (the tests run the GPU's on the CPU)
         self.cuda_layout = (for_device or device.type) == "cuda"
@@ -96,7 +98,7 @@ class LongHeadsCache(torch.nn.Module):
         self.piece_bytes = CUDA_PIECE_BYTES if self.cuda_layout else PIECE_BYTES
         self.max_len, self.length = max_len, 0
         n = -(-max_len // chunk_size)  # chunks, the last one possibly partial
-        near_end = min(self.F * chunk_size, max_len)  # the first F chunks' tokens end here
+        near_end = min(num_chunks * chunk_size, max_len)  # the first K chunks' tokens end here
         self.kv = ChunkedKV(batch, num_kv_heads, n * chunk_size, head_dim, chunk_size, dtype,
                             device, offload)
         wide = torch.promote_types(dtype, torch.float32)  # summaries and scores: float32 or wider
@@ -106,13 +108,13 @@ class LongHeadsCache(torch.nn.Module):
             # the raw queries of the unfinished chunk: its summary will need them
             q_tail=torch.zeros(batch, num_kv_heads, self.G, chunk_size, head_dim, dtype=dtype,
                                device=device),
-            # the first F chunks' keys also at their true positions: their queries read them so
+            # the first K chunks' keys also at their true positions: their queries read them so
             k_true=torch.zeros(batch, num_kv_heads, near_end, head_dim, dtype=dtype,
                                device=device),
             # (K,): rank r's first position, (K - 1 - r) * w (§3)
             rank_start=(num_chunks - 1 - torch.arange(num_chunks, device=device)) * chunk_size)
         # (near_end, D) each: every position a query or a key can get
-        cos, sin = rope_table(rope, rope_theta, head_dim, near_end, device, dtype)
+        cos, sin = rope_table(rope, rope_theta or 10000.0, head_dim, near_end, device, dtype)
         for name, x in dict(buffers, cos=cos, sin=sin).items():
             self.register_buffer(name, x, persistent=False)
 
@@ -125,7 +127,7 @@ class LongHeadsCache(torch.nn.Module):
         qg = q.reshape(B, -1, self.G, T, D)  # (B, Hkv, G, T, D): head h reads kv head h // G
         self._store(qg, k, v)
         out = q.new_empty(B, H, T, D)
-        n_near = min(T, max(0, self.F * self.w - start))  # queries in the first F chunks
+        n_near = min(T, max(0, self.K * self.w - start))  # queries in the first K chunks
         if n_near:
             out[:, :, :n_near] = attend_first_chunks(self, q[:, :, :n_near], start)
         outg = out.view(B, -1, self.G, T, D)  # (B, Hkv, G, T, D)
@@ -279,8 +281,8 @@ def default_block_size(query_heads, chunk_size, num_chunks, cuda_layout=False):
 # ----------------------------------------------------------------------------- one block
 
 def attend_first_chunks(cache, q, s):
-    """§2, g < F: queries s.. (B, H, b, D) read every chunk at true positions: causal attention
-    over the first F chunks' keys, which the cache also keeps at their true positions."""
+    """§2, g < K: queries s.. (B, H, b, D) read every chunk at true positions: causal attention
+    over the first K chunks' keys, which the cache also keeps at their true positions."""
     e = s + q.shape[2]
     v = cache.kv.span(0, e, with_keys=False)[0]  # (B, Hkv, e, D)
     q = apply_rope(q, cache.cos[s:e], cache.sin[s:e])  # (B, H, b, D)
@@ -288,7 +290,7 @@ def attend_first_chunks(cache, q, s):
 
 
 def attend_block(cache, q, s, e):
-    """Queries s..e-1, all past the first F chunks, q: (B, Hkv, G, b, D) -> their outputs.
+    """Queries s..e-1, all past the first K chunks, q: (B, Hkv, G, b, D) -> their outputs.
 
     Every query reads its own K chunks, exactly: its own chunk (causal) from one window of keys
     shared by the block, and the other K - 1 as (query, chunk) pairs laid out in rows by chunk
@@ -301,7 +303,7 @@ def attend_block(cache, q, s, e):
     m = (e - 1) // w + 1  # chunks up to the block's last query
     # candidates 1..m-3: up to two before the last query's own chunk m - 1
     scores = score_candidates(cache, q, m - 3)  # (B, Hkv, G, b, S = m - 3)
-    ids = select_chunks(scores, t // w, K, cache.layout, cache.local_chunks)  # (B, Hkv, G, b, K)
+    ids = select_chunks(scores, t // w, K)  # (B, Hkv, G, b, K)
     # §3: rank r is read from (K - 1 - r) * w + o, whichever chunk it is: the query moves;
     # why the tables, not q, are scaled: they are (b, K, D), the rotated queries K times more
     pos = cache.rank_start + t[:, None] % w  # (b, K)
@@ -354,14 +356,10 @@ def read_pairs(cache, q_pairs, rows):
 
 
 def score_candidates(cache, q, S):
-    """candidate_scores of candidates 1..S for raw queries q (B, Hkv, G, b, D), from the cache:
-    (B, Hkv, G, b, S)."""
-    if cache.local_chunks == cache.K - 1:  # a window: no candidates to score
-        return q.new_zeros(*q.shape[:-1], S)
-    w = cache.w
-    keys = cache.kv.k[:, :, :(S + 1) * w] if cache.select == "maxkey" else None  # (.., (S+1)w, D)
-    rope_w = cache.cos[w], cache.sin[w]
-    return candidate_scores(q, cache.summaries[:, :, :, :S + 1], keys, rope_w, cache.select)
+    """§2: candidates 1..S scored for raw queries q (B, Hkv, G, b, D), q . summary, unscaled
+    (only the order matters): (B, Hkv, G, b, S)."""
+    summaries = cache.summaries[:, :, :, 1:S + 1]  # (B, Hkv, G, S, D), float32 or wider
+    return q.to(summaries.dtype) @ summaries.transpose(-1, -2)
 
 
 def read_rows(cache, q_pairs, pair, row_groups, m):
@@ -457,22 +455,19 @@ def own_mask(s, e, w, device):
     return (u // w == t[:, None] // w) & (u <= t[:, None])
 
 
-def tiled_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_theta=10000.0,
-                    rope=None, block_size=None, layout=LAYOUT, select=SELECT,
-                    local_chunks=LOCAL_CHUNKS, full_chunks=None, for_device=None):
+def tiled_attention(q, k, v, *, num_chunks, chunk_size=CHUNK_SIZE, rope_theta=None, rope=None,
+                    block_size=None, for_device=None):
     """longheads_attention through the fast path: a LongHeadsCache used once.
 
     The same arguments, and block_size: queries per block (default_block_size), which bounds the
     working memory; for_device: "cuda" or "cpu", lay the work out as for that device (default:
     q's). Autograd works, as through longheads_attention.
     """
-    check_inputs(q, k, v)
+    check_args(q, k, v, num_chunks, chunk_size, rope_theta, rope)
     B, H, T, D = q.shape
     cache = LongHeadsCache(B, H, k.shape[1], T, D, chunk_size=chunk_size, num_chunks=num_chunks,
                            rope=rope, rope_theta=rope_theta, block_size=block_size, dtype=q.dtype,
-                           device=q.device, layout=layout, select=select,
-                           local_chunks=local_chunks, full_chunks=full_chunks,
-                           for_device=for_device)
+                           device=q.device, for_device=for_device)
     return cache(q, k, v)
 
 
@@ -606,18 +601,16 @@ def tile_bound(items, size, num_buckets, most):
 
 # ----------------------------------------------------------------------------- argument checks
 
-def check_cache_options(block_size, device, offload, select, for_device):
-    """One clear error for LongHeadsCache's own options."""
-    if block_size is not None and block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if for_device not in (None, "cpu", "cuda"):
-        raise ValueError(f"for_device must be None, 'cpu' or 'cuda', got {for_device!r}")
-    if offload and device.type != "cuda":
-        raise ValueError("offload keeps keys and values in CPU memory for a CUDA device; "
-                         "without a CUDA device there is nothing to offload: drop offload")
-    if offload and select == "maxkey":
-        raise ValueError("select='maxkey' reads every key to choose, which offloading would copy "
-                         "to the GPU at every block: use select='summary' with offload")
+def check_cache_options(batch, max_len, block_size, device, offload, for_device, rope,
+                        rope_theta):
+    """One line for each of LongHeadsCache's own options that it cannot run with."""
+    need(batch >= 1 and max_len >= 1, f"batch and max_len must be >= 1, got {batch}, {max_len}")
+    need(block_size is None or block_size >= 1, f"block_size must be >= 1, got {block_size}")
+    need(for_device in (None, "cpu", "cuda"),
+         f"for_device must be None, 'cpu' or 'cuda', got {for_device!r}")
+    need(not offload or device.type == "cuda", "offload keeps keys and values in CPU memory for "
+         "a CUDA device; without a CUDA device there is nothing to offload: drop offload")
+    need(rope is None or rope_theta is None, "give rope or rope_theta, not both")
 
 
 def records_grad(*tensors):
@@ -634,20 +627,17 @@ def check_grad_call(length, q, k, v):
                          f"torch.no_grad(), or the whole sequence to a new cache")
 
 
-def check_inputs(q, k, v, cache=None):
-    """One clear error for q, k, v that do not fit each other (check_qkv), or the cache."""
-    check_qkv(q, k, v)
-    if cache is not None:
-        cache_B, cache_Hkv, _, cache_D = cache.kv.k.shape
-        if (k.shape[0], k.shape[1], k.shape[3]) != (cache_B, cache_Hkv, cache_D) \
-                or q.shape[1] != cache_Hkv * cache.G:
-            raise ValueError(f"the cache holds B={cache_B}, H={cache_Hkv * cache.G}, "
-                             f"Hkv={cache_Hkv}, D={cache_D}; got q {tuple(q.shape)}, "
-                             f"k {tuple(k.shape)}")
-        if cache.length + q.shape[2] > cache.max_len:
-            raise ValueError(f"the cache holds max_len={cache.max_len} tokens; it has "
-                             f"{cache.length} and got {q.shape[2]} more: make it larger")
-        device = cache.summaries.device  # where it computes (offloaded, k and v stay on the CPU)
-        if q.dtype != cache.kv.k.dtype or not q.device == k.device == v.device == device:
-            raise ValueError(f"q, k, v are {q.dtype} on {q.device}, {k.device}, {v.device}, but "
-                             f"the cache is {cache.kv.k.dtype} on {device}: make them match")
+def check_inputs(q, k, v, cache):
+    """One line for q, k, v that do not fit each other (check_args) or the cache."""
+    check_args(q, k, v, cache.K, cache.w, None, None)
+    cache_B, cache_Hkv, _, cache_D = cache.kv.k.shape
+    need((k.shape[0], k.shape[1], k.shape[3]) == (cache_B, cache_Hkv, cache_D)
+         and q.shape[1] == cache_Hkv * cache.G, f"the cache holds B={cache_B}, "
+         f"H={cache_Hkv * cache.G}, Hkv={cache_Hkv}, D={cache_D}; got q {tuple(q.shape)}, "
+         f"k {tuple(k.shape)}")
+    need(cache.length + q.shape[2] <= cache.max_len, f"the cache holds max_len={cache.max_len} "
+         f"tokens; it has {cache.length} and got {q.shape[2]} more: make it larger")
+    device = cache.summaries.device  # where it computes (offloaded, k and v stay on the CPU)
+    need(q.dtype == cache.kv.k.dtype and q.device == k.device == v.device == device,
+         f"q, k, v are {q.dtype} on {q.device}, {k.device}, {v.device}, but the cache is "
+         f"{cache.kv.k.dtype} on {device}: make them match")
