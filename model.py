@@ -21,9 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-from longheads import (CHUNK_SIZE, LAYOUT, LOCAL_CHUNKS, SELECT, apply_rope, check_config,
-                       default_num_chunks, rope_cos_sin, rope_inv_freq)
-from tiled import LongHeadsCache, causal_attention, check_grad_call
+from longheads import (CHUNK_SIZE, apply_rope, check_config, default_num_chunks, need,
+                       rope_cos_sin, rope_inv_freq)
+from tiled import LongHeadsCache, causal_attention, check_grad_call, records_grad
 
 ROPE_TYPES = ("default", "linear", "dynamic")
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -204,38 +204,25 @@ class Body(nn.Module):
 
 
 class Llama(nn.Module):
+    """input_ids (B, T): equal-length prompts only (no attention mask, no padding)."""
+
     def __init__(self, cfg, *, attention="full", chunk_size=CHUNK_SIZE, num_chunks=None,
-                 offload=False, layout=LAYOUT, select=SELECT, local_chunks=LOCAL_CHUNKS,
-                 select_layers=None, full_chunks=None):
+                 offload=False):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
         given = num_chunks is not None  # else the paper's rule, which a tiny model may not fit
         if not given:
             num_chunks = default_num_chunks(cfg.max_position_embeddings, chunk_size)
-        check_config(cfg.num_attention_heads, cfg.num_key_value_heads, chunk_size, num_chunks,
-                     layout, select, local_chunks, full_chunks)
-        widest = chunk_size * (full_chunks or num_chunks)  # the most positions a query sees
-        if (given or attention == "longheads") and widest > cfg.max_position_embeddings:
-            raise ValueError(f"chunk_size x {'full_chunks' if full_chunks else 'num_chunks'} = "
-                             f"{widest} exceeds the model's trained length "
-                             f"{cfg.max_position_embeddings}: LongHeads would show it distances "
-                             f"it never saw; use fewer or smaller chunks")
-        layers = cfg.num_hidden_layers
-        if select_layers is not None and not 0 <= select_layers[0] <= select_layers[1] < layers:
-            raise ValueError(f"select_layers must be (first, last) with 0 <= first <= last <= "
-                             f"{layers - 1}, got {select_layers}")
+        check_config(cfg.num_attention_heads, cfg.num_key_value_heads, chunk_size, num_chunks)
+        budget = chunk_size * num_chunks  # the most positions a query sees
+        if (given or attention == "longheads") and budget > cfg.max_position_embeddings:
+            raise ValueError(f"chunk_size x num_chunks = {budget} exceeds the model's trained "
+                             f"length {cfg.max_position_embeddings}: LongHeads would show it "
+                             f"distances it never saw; use fewer or smaller chunks")
         self.config, self.attention = cfg, attention
         # offload: LongHeads' keys and values in CPU memory
         self.chunk_size, self.offload = chunk_size, offload
-        self.layout = layout  # the order of the picked chunks (longheads.select_chunks)
-        self.select = select  # how candidate chunks are scored (longheads.candidate_scores)
-        self.local_chunks = local_chunks  # the newest chunks every query reads (select_chunks)
-        # select_layers=(first, last): only these layers select chunks by score; the others read
-        # the window, chunk 0 and their newest chunks (None: every layer selects)
-        self.select_layers = select_layers
-        # full_chunks=F: the queries of chunks 0..F-1 read every chunk (None: F = num_chunks)
-        self.full_chunks = full_chunks
         # num_chunks=None is the paper's rule: a budget of the trained length, so that nothing
         # changes for contexts the model was trained on
         self.num_chunks = num_chunks
@@ -244,26 +231,18 @@ class Llama(nn.Module):
 
     def new_caches(self, batch, max_len):
         """One empty cache per layer for `batch` sequences of up to max_len tokens."""
+        need(min(batch, max_len) >= 1, f"batch and max_len must be >= 1, got {batch}, {max_len}")
         cfg, dtype, device = self.config, self.lm_head.weight.dtype, self.lm_head.weight.device
         shape = (batch, cfg.num_attention_heads, cfg.num_key_value_heads, max_len, cfg.head_dim)
         if self.attention == "full":
-            make = lambda i: KVCache(*shape, inv_freq=cfg.inv_freq(max_len), dtype=dtype,
-                                     device=device)
-        else:  # LongHeads never places a token further than chunk_size * F away
-            seen = min(max_len, self.chunk_size * (self.full_chunks or self.num_chunks))
-            make = lambda i: LongHeadsCache(*shape, chunk_size=self.chunk_size,
-                                            num_chunks=self.num_chunks, rope=cfg.inv_freq(seen),
-                                            dtype=dtype, device=device, offload=self.offload,
-                                            layout=self.layout, select=self.select,
-                                            local_chunks=self.layer_local_chunks(i),
-                                            full_chunks=self.full_chunks)
-        return nn.ModuleList([make(i) for i in range(cfg.num_hidden_layers)])
-
-    def layer_local_chunks(self, layer):
-        """local_chunks of one layer: the window (num_chunks - 1) outside select_layers."""
-        if self.select_layers is None or self.select_layers[0] <= layer <= self.select_layers[1]:
-            return self.local_chunks
-        return self.num_chunks - 1
+            make = lambda: KVCache(*shape, inv_freq=cfg.inv_freq(max_len), dtype=dtype,
+                                   device=device)
+        else:  # LongHeads never places a token further than chunk_size * num_chunks away
+            seen = min(max_len, self.chunk_size * self.num_chunks)
+            make = lambda: LongHeadsCache(*shape, chunk_size=self.chunk_size,
+                                          num_chunks=self.num_chunks, rope=cfg.inv_freq(seen),
+                                          dtype=dtype, device=device, offload=self.offload)
+        return nn.ModuleList([make() for _ in range(cfg.num_hidden_layers)])
 
     def hidden(self, input_ids, caches):
         """input_ids (B, T) after what the caches hold -> final hidden states (B, T, C)."""
@@ -274,7 +253,7 @@ class Llama(nn.Module):
 
     def forward(self, input_ids, caches=None):
         """input_ids (B, T) -> logits (B, T, vocab). Without caches: a fresh sequence."""
-        check_ids(input_ids)
+        check_ids(input_ids, self.config.vocab_size)
         if caches is None:
             caches = self.new_caches(input_ids.shape[0], input_ids.shape[1])
         return self.lm_head(self.hidden(input_ids, caches))
@@ -285,29 +264,50 @@ class Llama(nn.Module):
         which the caches hold), in less working memory: a 7B model's 128k-token prompt needs
         ~12 GB of it in one call, ~2.4 GB in pieces of 8192 (bench.py --estimate-memory); on a
         CPU a piece's activations also stay in its caches (15-20 % faster at 16k)."""
+        check_ids(input_ids, self.config.vocab_size)
+        need(input_ids.shape[1] <= piece or not records_grad(*self.parameters()), f"prefill: "
+             f"input_ids past one piece ({piece}) with autograd on: call it under torch.no_grad()")
         for s in range(0, input_ids.shape[1], piece):
             h = self.hidden(input_ids[:, s:s + piece], caches)  # (B, <= piece, C)
         return h[:, -1]
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, caches=None):
-        """Prefill the prompt once, then one token per step through the caches.
+    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, caches=None,
+                 eos_token_id=None):
+        """Prefill the prompt once, then one token per step through the caches, until each row
+        has made an end token: eos_token_id, one id or a list (None: config.json's; []: never).
 
-        input_ids (B, T) -> (B, T + max_new_tokens). temperature 0 is greedy decoding. Without
-        caches, input_ids start a fresh sequence. With caches (new_caches), input_ids are the new
-        tokens only, which continue what the caches hold; the caches then hold every token
-        returned (the last one too), so a conversation goes on with the next new tokens alone.
+        input_ids (B, T) -> (B, T + steps), 1 <= steps <= max_new_tokens: a row that ended
+        repeats its end token until all rows have. temperature 0 is greedy decoding, else top-k
+        sampling (top_k None: all tokens). Without caches, input_ids start a fresh sequence. With
+        caches (new_caches), input_ids are the new tokens only, which continue what the caches
+        hold; the caches then hold every token returned (the last one too), so a conversation
+        goes on with the next new tokens alone.
         """
-        check_ids(input_ids)
+        check_ids(input_ids, self.config.vocab_size)
+        need(isinstance(max_new_tokens, int) and max_new_tokens >= 1,
+             f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        need(temperature >= 0, f"temperature must be >= 0 (0: greedy), got {temperature}")
+        need(top_k is None or isinstance(top_k, int) and top_k >= 1,
+             f"top_k must be an integer >= 1, or None (no limit), got {top_k!r}")
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        # why type(): False (never stop) is an int too; a config without an end token never stops
+        eos = torch.tensor([eos] if type(eos) is int else list(eos or []), dtype=torch.long,
+                           device=input_ids.device)  # (E,)
         given = caches is not None
         if not given:
             caches = self.new_caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
         tokens, new = input_ids, input_ids
+        ended = torch.zeros_like(input_ids[:, :1], dtype=torch.bool)  # (B, 1)
         for _ in range(max_new_tokens):
             logits = self.lm_head(self.prefill(new, caches))  # (B, vocab): the last position
             new = sample(logits, temperature, top_k)  # (B, 1)
+            new = torch.where(ended, tokens[:, -1:], new)  # a row that ended repeats its end
             tokens = torch.cat([tokens, new], dim=1)
-        if given and max_new_tokens:
+            ended |= torch.isin(new, eos)
+            if ended.all():
+                break
+        if given:
             # why: the caller's caches then hold every token returned, and the next call goes on
             # after the last of them, as one call on the whole history would
             self.hidden(new, caches)
@@ -315,9 +315,7 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, *, device="cpu", dtype=None, attention="full",
-                        chunk_size=CHUNK_SIZE, num_chunks=None, offload=False, layout=LAYOUT,
-                        select=SELECT, local_chunks=LOCAL_CHUNKS, select_layers=None,
-                        full_chunks=None):
+                        chunk_size=CHUNK_SIZE, num_chunks=None, offload=False):
         """Load a Hugging Face Llama checkpoint directory (config.json + safetensors)."""
         check_device(device)
         path = Path(path)
@@ -325,8 +323,7 @@ class Llama(nn.Module):
         files = checkpoint_files(path)
         with torch.device("meta"):  # no memory yet: the checkpoint's tensors become the weights
             model = cls(cfg, attention=attention, chunk_size=chunk_size, num_chunks=num_chunks,
-                        offload=offload, layout=layout, select=select, local_chunks=local_chunks,
-                        select_layers=select_layers, full_chunks=full_chunks)
+                        offload=offload)
         shapes = tensor_shapes(files)
         check_tensors(model, shapes)
         dtype = to_dtype(dtype) if dtype is not None else None
@@ -341,11 +338,15 @@ class Llama(nn.Module):
         return model.eval()
 
 
-def check_ids(input_ids):
+def check_ids(input_ids, vocab_size):
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be integer token ids of shape (batch, tokens), got "
                          f"{input_ids.dtype} {tuple(input_ids.shape)}: for one sequence, "
                          f"pass ids[None]")
+    need(input_ids.numel() > 0, f"input_ids {tuple(input_ids.shape)} hold no tokens: give some")
+    low, high = (int(x) for x in input_ids.aminmax())  # why int: read back once, here
+    need(0 <= low and high < vocab_size, f"input_ids must be token ids in [0, vocab_size = "
+         f"{vocab_size}), got {low} ... {high}")
 
 
 def sample(logits, temperature=0.0, top_k=None):

@@ -8,6 +8,8 @@ tokenizer_config.json (bos_token, eos_token).
 import json
 from pathlib import Path
 
+from longheads import need
+
 
 class Tokenizer:
     def __init__(self, path):
@@ -75,6 +77,11 @@ class Tokenizer:
                          f"text before it")
 
     def decode(self, ids):
+        """A list or tensor of ids -> text; a 2-D tensor: generate's (1, T) for one prompt."""
+        if getattr(ids, "ndim", 1) == 2:
+            need(len(ids) == 1, f"decode takes one sequence, got ids of shape {tuple(ids.shape)}: "
+                 f"decode each row, [tokenizer.decode(row) for row in ids]")
+            ids = ids[0]
         ids = [int(i) for i in ids]
         return self.sp.decode(ids) if self.sp else self.tok.decode(ids, skip_special_tokens=False)
 
