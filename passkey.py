@@ -29,6 +29,7 @@ import re
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -149,22 +150,32 @@ def run(model, tok, args):
         trials = [(depth, trial_key(0, length, depth, t)) for depth in sorted(args.depths)
                   for t in range(args.trials)]
         prompts = [prompt_parts(tok, length, depth, key) for depth, key in trials]
-        total = sum(len(s) + len(r) for s, r in prompts)  # at most: shared parts run once
-        with tqdm(total=total, unit="tok", leave=False, disable=not sys.stderr.isatty()) as bar:
-            hook = model.model.layers[-1].register_forward_hook(
-                lambda module, inputs, out: bar.update(inputs[0].shape[1]))  # (B, T, C)
-            try:
-                for (depth, key), (ids, seconds) in zip(trials, answer(model, prompts)):
-                    output = tok.decode(ids)
-                    records.append(dict(length=length, depth=depth, key=key, output=output,
-                                        correct=first_integer(output) == key,
-                                        seconds=round(seconds, 2), **args.record))
-                    tqdm.write(trial_line(records[-1]))
-                    if args.json:
-                        write_atomically(args.json, json.dumps(records, indent=1))
-            finally:
-                hook.remove()
+        # the work: the longest shared part once (the others are its prefixes), every rest
+        work = len(prompts[-1][0]) + sum(len(rest) + NEW_TOKENS for _, rest in prompts)
+        with progress(model, work):
+            for (depth, key), (ids, seconds) in zip(trials, answer(model, prompts)):
+                output = tok.decode(ids)
+                records.append(dict(length=length, depth=depth, key=key, output=output,
+                                    correct=first_integer(output) == key,
+                                    seconds=round(seconds, 2), **args.record))
+                tqdm.write(trial_line(records[-1]))
+                if args.json:
+                    write_atomically(args.json, json.dumps(records, indent=1))
     return records
+
+
+@contextmanager
+def progress(model, total, label=None):
+    """A bar of the tokens the model has run through its last layer, of `total`, on an
+    interactive stderr; tqdm.write prints above it."""
+    with tqdm(total=total, unit="tok", desc=label, leave=False,
+              disable=not sys.stderr.isatty()) as bar:
+        hook = model.model.layers[-1].register_forward_hook(
+            lambda module, inputs, out: bar.update(inputs[0].shape[1]))  # (B, T, C)
+        try:
+            yield bar
+        finally:
+            hook.remove()
 
 
 def trial_line(r):

@@ -1,10 +1,8 @@
 """What the lab's scripts share: the command and the commit a record names, one-line errors, the
-checks of --device and --offload, a progress bar."""
+checks of --device and --offload."""
 import sys
-from contextlib import contextmanager
 
 import torch
-from tqdm import tqdm
 
 from passkey import UsageError, commit
 
@@ -44,17 +42,3 @@ def run_main(name, fn, args, interrupted="--json holds what finished so far"):
     except KeyboardInterrupt:
         print(f"\n{name}: interrupted ({interrupted})", file=sys.stderr)
         sys.exit(130)
-
-
-@contextmanager
-def progress(model, total, label=None):
-    """A bar of the tokens the model has run through its last layer, of `total`, on an
-    interactive stderr (as passkey.py's); tqdm.write prints above it."""
-    with tqdm(total=total, unit="tok", desc=label, leave=False,
-              disable=not sys.stderr.isatty()) as bar:
-        hook = model.model.layers[-1].register_forward_hook(
-            lambda module, inputs, out: bar.update(inputs[0].shape[1]))  # (B, T, C)
-        try:
-            yield bar
-        finally:
-            hook.remove()

@@ -35,9 +35,10 @@ import torch
 from tqdm import tqdm
 
 from convert import load
-from lab.common import check_device, made_by, printout_head, progress, run_main
+from lab.common import check_device, made_by, printout_head, run_main
 from passkey import (FILLER, NEEDLE, NEW_TOKENS, QUESTION, SETTINGS, WHY, UsageError, answer,
-                     check_memory, first_integer, task_head, trial_key, write_atomically)
+                     check_memory, first_integer, progress, task_head, trial_key,
+                     write_atomically)
 
 # a key's line (the key twice) and the question for it; {what} is what the key is: "pass key",
 # or with --distractors "pass key for Lisbon". "passkey" is the paper's, the demo's words

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from convert import default_model, load
-from lab.common import check_device, made_by, progress, run_main
+from lab.common import check_device, made_by, run_main
 from longheads import CHUNK_SIZE, apply_rope, rope_cos_sin
 from model import PREFILL_PIECE, read_json
-from passkey import UsageError, check_memory, write_atomically
+from passkey import UsageError, check_memory, progress, write_atomically
 
 ATTENTIONS = ("full", "longheads", "window")
 LOGIT_BLOCK = 1024  # positions per output-layer call: (1024, vocab) logits at a time
