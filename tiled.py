@@ -37,9 +37,9 @@ chunks, and the work is laid out so that few, large torch operations do it:
 
 The same property tests hold this file and longheads_attention to longheads_reference, the
 per-query definition (test_longheads.py: any budget, grouped-query attention, prefill against
-decoding, both layouts of the work; tests/test_cuda.py: the same on a GPU). Gradients flow through one call on a
-fresh cache (tiled_attention, a model's forward without caches), and equal the reference's; with
-autograd on, a cache refuses a second call, which would write over what the first one's
+decoding, both layouts of the work; tests/test_cuda.py: the same on a GPU). Gradients flow
+through one call on a fresh cache (tiled_attention, a model's forward without caches), and
+equal the reference's; with autograd on, a cache refuses a second call, which would write over what the first one's
 backward pass reads (check_grad_call).
 
 torch.compile runs through it: the graph breaks where pack reads row lengths from the data, and

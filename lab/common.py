@@ -23,8 +23,12 @@ def printout_head(module, argv=None):
     return f"$ {command(module, argv)}  # (at {commit()})"
 
 
-def check_device(args):
-    """--device and --offload, before a model is loaded."""
+def check_model_args(args):
+    """--device, --offload, --chunk-size and --num-chunks, before a model is loaded."""
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise UsageError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if args.num_chunks is not None and args.num_chunks < 3:
+        raise UsageError(f"--num-chunks must be >= 3, got {args.num_chunks}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
     if args.offload and not args.device.startswith("cuda"):

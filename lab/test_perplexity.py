@@ -215,7 +215,7 @@ def test_plot_lines_are_named_by_attention_and_changed_settings():
     assert perplexity.label(dict(attention="longheads", chunk_size=256, num_chunks=32)) == \
         "longheads"
     assert perplexity.label(dict(attention="window", chunk_size=128, num_chunks=8)) == \
-        "window chunk_size=128"
+        "window chunk_size=128 num_chunks=8"
     old = dict(attention="longheads", chunk_size=256, num_chunks=32, layout="position",
                select="summary", local_chunks=2)
     assert perplexity.label(old) == "longheads"

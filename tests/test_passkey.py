@@ -166,6 +166,11 @@ def test_the_demo_retrieves_with_the_retrieval_setting_and_names_it():
     assert lines[1] == "LongHeads, retrieval setting: chunk_size=128 num_chunks=8"
     assert lines[2] == "  why: " + passkey.WHY["retrieval"]
     assert lines[3] == "  --setting paper: the paper's rule, a budget of the trained length"
+    trial = passkey.trial_line(dict(length=32768, depth=0.0, attention="longheads", key=54859,
+                                    output=" 54859.\nThe grass", correct=True, seconds=156.9))
+    for column in ("length", "depth", "key", "seconds"):  # each ends where its field does
+        end = lines[4].index(column) + len(column)
+        assert trial[end - 1] != " " and trial[end:end + 1] in ("", " "), column
 
 
 @pytest.mark.parametrize("args, message", [
