@@ -161,8 +161,8 @@ def test_truncated_trials_sharing_the_haystack_answer_as_whole_prompts(smollm2, 
     them; every answer is the one of its whole (truncated) prompt."""
     from model import Llama
     model = Llama.from_pretrained(smollm2, dtype=torch.float32)
-    model.config.max_position_embeddings = 500  # a short trained length: cheap cuts
-    length = 800
+    model.config.max_position_embeddings = 300  # a short trained length: cheap cuts
+    length = 500
     trials = [[needles.Needle(depth, key)] for depth, key in
               [(0.8, 11111), (0.2, 22222), (0.8, 33333), (0.5, 44444)]]
     prompts = list(needles.trial_prompts(model, tokenizer, length, trials, "truncated",
@@ -176,7 +176,7 @@ def test_truncated_trials_sharing_the_haystack_answer_as_whole_prompts(smollm2, 
     answers = list(passkey.answer(model, [parts for _, parts in prompts]))
     assert sum(embedded) == needles.prefill_work([parts for _, parts in prompts])
     for (_, (shared, rest)), (ids, _) in zip(prompts, answers):
-        assert len(shared + rest) <= 500 - passkey.NEW_TOKENS
+        assert len(shared + rest) <= 300 - passkey.NEW_TOKENS
         expected = model.generate(torch.tensor([shared + rest]), passkey.NEW_TOKENS)
         assert ids == expected[0, len(shared + rest):].tolist()
 
@@ -186,19 +186,19 @@ def test_variants_end_to_end_through_the_cli(smollm2, tmp_path, capsys):
     """A 2k-token trial with one distractor, the demo's setting (a budget below the prompt, so
     chunks are really selected) and full attention; its records, and the heatmap again from them
     (in this process: no model to load); without a file to draw to, one line and exit 2."""
-    out = run_cli("--len", "2048", "--depths", "0.5", "--attention", "both", "--distractors",
+    out = run_cli("--len", "1536", "--depths", "0.5", "--attention", "both", "--distractors",
                   "1", "--json", str(tmp_path / "r.json"))
     assert out.returncode == 0, out.stderr
     records = json.loads((tmp_path / "r.json").read_text())
     assert [r["attention"] for r in records] == ["full", "longheads"]
     assert all(r["outcome"] in ("yes", "wrong key", "no key") for r in records)
-    assert records[1]["chunk_size"] * records[1]["num_chunks"] == 1024 < 2048
+    assert records[1]["chunk_size"] * records[1]["num_chunks"] == 1024 < 1536
     assert "chunk_size" not in records[0] and records[0]["distractors"][0]["depth"] == 0.0
-    assert records[0]["command"] == ("python -m lab.needles --len 2048 --depths 0.5 --attention "
+    assert records[0]["command"] == ("python -m lab.needles --len 1536 --depths 0.5 --attention "
                                      f"both --distractors 1 --json {tmp_path / 'r.json'}")
     assert records[0]["commit"] == passkey.commit()
     for attention in ("full", "longheads"):
-        assert re.search(rf"^  {attention}\s+2048: \d/1 = \d+% \(\d wrong key, \d no key\)",
+        assert re.search(rf"^  {attention}\s+1536: \d/1 = \d+% \(\d wrong key, \d no key\)",
                          out.stdout, re.M)
     assert "LongHeads, retrieval setting: chunk_size=128 num_chunks=8" in out.stdout
     needles.main(["--replot", str(tmp_path / "r.json"), "--plot", str(tmp_path / "heat.png")])

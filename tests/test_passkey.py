@@ -118,9 +118,9 @@ def test_trials_sharing_the_filler_answer_as_whole_prompts(smollm2, tokenizer, a
     """answer() prefills what prompts share once, into one set of caches wound back between
     trials; every answer is the one of its whole prompt."""
     from model import Llama
-    model = Llama.from_pretrained(smollm2, dtype=torch.float32, chunk_size=64, num_chunks=8,
+    model = Llama.from_pretrained(smollm2, dtype=torch.float32, chunk_size=32, num_chunks=8,
                                   attention=attention)
-    length = 800  # past the budget of 512: chunks are selected
+    length = 400  # past the budget of 256: chunks are selected
     prompts = [passkey.prompt_parts(tokenizer, length, depth, key) for depth, key in
                [(0.2, 22222), (0.5, 44444), (0.8, 11111), (0.8, 33333)]]
     embedded, made = [], []
