@@ -16,7 +16,7 @@ import torch
 import passkey
 from lab import needles
 # the default model and its tokenizer, once a session, as the demo's tests get them
-from tests.test_passkey import needs_model, smollm2, tokenizer  # noqa: F401 (fixtures)
+from tests.test_passkey import header_model, needs_model, smollm2, tokenizer  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -237,9 +237,7 @@ def test_settings_attentions_and_the_header():
     assert needles.attentions(args) == ["longheads"] and args.len == [4096]
     both = needles.parse_args(["--attention", "longheads", "truncated", "both"])
     assert needles.attentions(both) == ["longheads", "truncated", "full"]
-    model = type("M", (), dict(config=type("C", (), dict(max_position_embeddings=8192))))()
-    model.chunk_size, model.num_chunks = 128, 8
-    model.lm_head = torch.nn.Linear(1, 1)
+    model = header_model()
     lines = needles.header(model, args).split("\n")
     assert lines[1] == "LongHeads, retrieval setting: chunk_size=128 num_chunks=8"
     assert lines[2] == "  why: " + passkey.WHY["retrieval"]

@@ -159,9 +159,7 @@ def test_the_demo_retrieves_with_the_retrieval_setting_and_names_it():
     assert (args.len, args.attention, args.setting) == ([32768], "longheads", "retrieval")
     assert passkey.SETTINGS["retrieval"] == dict(chunk_size=128, num_chunks=8)
     assert passkey.SETTINGS["paper"]["num_chunks"] is None  # the paper's rule
-    model = type("M", (), dict(config=type("C", (), dict(max_position_embeddings=8192))))()
-    model.chunk_size, model.num_chunks = 128, 8
-    model.lm_head = torch.nn.Linear(1, 1)
+    model = header_model()
     lines = passkey.header(model, args).split("\n")
     assert lines[1] == "LongHeads, retrieval setting: chunk_size=128 num_chunks=8"
     assert lines[2] == "  why: " + passkey.WHY["retrieval"]
@@ -204,6 +202,15 @@ def test_impossible_lengths_are_one_line_and_exit_2(smollm2, args, message):
     out = run_cli(*args)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
     assert message in out.stderr
+
+
+def header_model():
+    """What a header reads of a model, without loading one: the default's trained length and the
+    retrieval setting."""
+    model = type("M", (), dict(config=type("C", (), dict(max_position_embeddings=8192))))()
+    model.chunk_size, model.num_chunks = 128, 8
+    model.lm_head = torch.nn.Linear(1, 1)
+    return model
 
 
 def run_cli(*args):
