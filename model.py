@@ -262,7 +262,7 @@ class Llama(nn.Module):
         """input_ids (B, T) into the caches, piece tokens at a time -> the last position's final
         hidden state (B, C). The same computation as one call (a token sees only earlier ones,
         which the caches hold), in less working memory: a 7B model's 128k-token prompt needs
-        ~12 GB of it in one call, ~2.4 GB in pieces of 8192 (bench.py --estimate-memory); on a
+        ~12 GB of it in one call, ~2.4 GB in pieces of 8192 (lab.bench --estimate-memory); on a
         CPU a piece's activations also stay in its caches (15-20 % faster at 16k)."""
         check_ids(input_ids, self.config.vocab_size)
         need(input_ids.shape[1] <= piece or not records_grad(*self.parameters()), f"prefill: "
