@@ -297,16 +297,18 @@ class Llama(nn.Module):
         given = caches is not None
         if not given:
             caches = self.new_caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-        tokens, new = input_ids, input_ids
+        tokens = input_ids
         ended = torch.zeros_like(input_ids[:, :1], dtype=torch.bool)  # (B, 1)
-        for _ in range(max_new_tokens):
-            logits = self.lm_head(self.prefill(new, caches))  # (B, vocab): the last position
-            new = sample(logits, temperature, top_k)  # (B, 1)
+        h = self.prefill(input_ids, caches)  # (B, C): the prompt's last position, checked once
+        for step in range(max_new_tokens):
+            new = sample(self.lm_head(h), temperature, top_k)  # (B, 1)
             new = torch.where(ended, tokens[:, -1:], new)  # a row that ended repeats its end
             tokens = torch.cat([tokens, new], dim=1)
             ended |= torch.isin(new, eos)
-            if ended.all():
+            if ended.all() or step == max_new_tokens - 1:
                 break
+            # why hidden, not prefill: a sampled token needs no check, which reads ids back
+            h = self.hidden(new, caches)[:, -1]  # (B, C)
         if given:
             # why: the caller's caches then hold every token returned, and the next call goes on
             # after the last of them, as one call on the whole history would
