@@ -11,10 +11,11 @@ chunks, and the work is laid out so that few, large torch operations do it:
   - Queries go a block at a time (default_block_size), so the working memory is bounded whatever
     T is. Queries in the first K chunks read every key at its true position: plain causal
     attention (SDPA) over keys the cache also keeps at true positions.
-  - Past them, a query's own chunk is read causally from one window of keys shared by the block,
-    and its other K - 1 picks become (query, chunk) pairs, laid out in rows by chunk (pack), so
-    that a chunk's keys are read once however many queries picked it ("pair rows"; the "key
-    rows" of k.view(-1, w, D) are chunks, as in longheads.attend_picks). On a CPU a chunk gets
+  - Past them, a query reads its own chunk causally, each chunk's queries against that chunk's
+    keys alone (own_chunk: at most w keys a query, however large the block), and its other
+    K - 1 picks become (query, chunk) pairs, laid out in rows by chunk (pack), so that a chunk's
+    keys are read once however many queries picked it ("pair rows"; the "key rows" of
+    k.view(-1, w, D) are chunks, as in longheads.attend_picks). On a CPU a chunk gets
     one row, padded to a multiple of TILE pairs; on a GPU rows are tiles of TILE pairs whose
     number comes from a bound (tile_bound), not a count, so that no step waits for the GPU
     (selection keeps its picks by a stable sort, not a boolean mask, for the same reason).
@@ -32,15 +33,16 @@ chunks, and the work is laid out so that few, large torch operations do it:
     log-sum-exp are private ops (flash's takes no mask, the memory-efficient one pads the
     log-sum-exp), and no GPU has yet run this code to test one against the plain piece; the slices
     bound the plain piece's memory on any device, and the CPU runs it in every test.
-  - offload=True keeps keys and values in page-locked CPU memory of exactly their size
-    (host_zeros); a block copies to the GPU only the chunks it reads.
+  - offload=True keeps keys and values in plain CPU memory; the CPU gathers what a block reads
+    into pinned staging buffers, sent without blocking. The host waits for the GPU once a call
+    (to store), once a block (to learn its rows), and before each staged copy for the last one.
 
 The same property tests hold this file and longheads_attention to longheads_reference, the
 per-query definition (test_longheads.py: any budget, grouped-query attention, prefill against
 decoding, both layouts of the work; tests/test_cuda.py: the same on a GPU). Gradients flow
 through one call on a fresh cache (tiled_attention, a model's forward without caches), and
-equal the reference's; with autograd on, a cache refuses a second call, which would write over what the first one's
-backward pass reads (check_grad_call).
+equal the reference's; with autograd on, a cache refuses a second call, which would write over
+what the first one's backward pass reads (check_grad_call).
 
 torch.compile runs through it: the graph breaks where pack reads row lengths from the data, and
 so that dynamo can break there, no generator object is alive across it (lists, not generators).
@@ -50,7 +52,6 @@ query, P (query, chunk) pairs of a block, s..e-1 a block's queries; in the atten
 N independent attentions of Q queries over S_k keys each.
 """
 import math
-import weakref
 
 import torch
 from torch.nn.attention.bias import causal_lower_right
@@ -180,8 +181,9 @@ class LongHeadsCache(torch.nn.Module):
 
 class ChunkedKV(torch.nn.Module):
     """Keys and values of one layer, (B, Hkv, tokens, D) each, read by token spans and by chunks,
-    on the compute device, or offloaded: kept in pinned CPU memory, where the CPU gathers what a
-    block reads into a pinned staging buffer, which then goes to the GPU without blocking."""
+    on the compute device, or offloaded: in plain CPU memory (no copy reads it: locking it, 64 GiB
+    at 7B and 128k, buys nothing), gathered by the CPU into pinned staging buffers, sent async.
+    Offloaded waits: write, once a call; where_gathered, once a block; _stage, once a copy."""
 
     def __init__(self, batch, num_kv_heads, tokens, head_dim, chunk_size, dtype, device, offload):
         super().__init__()
@@ -189,13 +191,12 @@ class ChunkedKV(torch.nn.Module):
         self.scratch, self.sent = {}, None  # staging buffers, and the event of their last send
         shape = (batch, num_kv_heads, tokens, head_dim)
         for name in ("k", "v"):
-            x = host_zeros(shape, dtype) if offload else torch.zeros(shape, dtype=dtype,
-                                                                     device=device)
+            x = torch.zeros(shape, dtype=dtype, device="cpu" if offload else device)
             self.register_buffer(name, x, persistent=False)
 
     def write(self, start, k, v):
         """Store k, v (B, Hkv, T, D) as tokens start..start+T-1. Offloaded, this copy to the host
-        waits for the GPU: one wait a call, after which the CPU may read what it wrote."""
+        waits for the GPU: a call's one wait, after which the CPU may read what it wrote."""
         self.k[:, :, start:start + k.shape[2]] = k
         self.v[:, :, start:start + v.shape[2]] = v
 
@@ -213,11 +214,15 @@ class ChunkedKV(torch.nn.Module):
             out.append(self._stage("span_" + name, x.shape, x).copy_(x))
         return self._send(out)
 
+    def where_gathered(self, rows):
+        """Chunk rows (n,), on the device that gathers them: offloaded, the CPU, which must know
+        what to send (a block's one wait to learn what it reads); else where they are."""
+        return rows.cpu() if self.offload else rows
+
     def chunks(self, rows):
-        """Keys and values of the chunks at rows of k.view(-1, w, D): (len(rows), w, D) each."""
+        """Keys and values of the chunks at rows of k.view(-1, w, D): (len(rows), w, D) each;
+        rows as where_gathered gives them."""
         shape = (len(rows), self.chunk_size, self.k.shape[-1])
-        if self.offload:
-            rows = rows.cpu()  # why: the CPU must know what to send; offloading's wait a block
         # (B * Hkv * n, w, D) -> (len(rows), w, D) each; why no reused buffer under autograd:
         # a backward pass needs what each gather returned, and out= has no gradient
         reuse = not records_grad(self.k)
@@ -249,23 +254,6 @@ class ChunkedKV(torch.nn.Module):
         return buf[:numel].view(shape)
 
 
-def host_zeros(shape, dtype):
-    """Zeros in page-locked host memory of exactly their size: pageable memory registered with
-    CUDA (cudaHostRegister), unregistered when the tensor is freed. Why not pin_memory=True:
-    PyTorch's pinned allocator rounds each request up to a power of two, so a 1.002 GiB buffer
-    (--len 131072, 513 chunks) took 2 GiB. (The staging buffers keep that allocator: they are
-    bounded by the slices, and it caches them from call to call, where registering is slow.)"""
-    x = torch.zeros(shape, dtype=dtype)  # pageable: the CPU allocator asks exactly this much
-    if x.nbytes:  # CUDA refuses to register nothing
-        cudart = torch.cuda.cudart()
-        error = cudart.cudaHostRegister(x.data_ptr(), x.nbytes, 0)
-        if error != cudart.cudaError.success:
-            raise RuntimeError(f"cudaHostRegister of {x.nbytes} bytes failed: {error}")
-        # why on x: the cache holds x; a view that outlives it reads it pageable, still right
-        weakref.finalize(x, cudart.cudaHostUnregister, x.data_ptr())
-    return x
-
-
 def default_block_size(query_heads, chunk_size, num_chunks, cuda_layout=False):
     """Queries per block: about BLOCK_SCORES (query, key) scores over all B * H heads, at most
     BLOCK_QUERIES queries or one chunk of them. With a small budget a block holds several chunks
@@ -292,10 +280,10 @@ def attend_first_chunks(cache, q, s):
 def attend_block(cache, q, s, e):
     """Queries s..e-1, all past the first K chunks, q: (B, Hkv, G, b, D) -> their outputs.
 
-    Every query reads its own K chunks, exactly: its own chunk (causal) from one window of keys
-    shared by the block, and the other K - 1 as (query, chunk) pairs laid out in rows by chunk
-    (pack), one read of a chunk's keys per row (read_picks; in a decoding step each pair reads
-    its chunk directly). The K partial softmaxes are merged.
+    Every query reads its own K chunks, exactly: its own chunk, causal (own_chunk), and the other
+    K - 1 as (query, chunk) pairs laid out in rows by chunk (pack), one read of a chunk's keys
+    per row (read_picks; in a decoding step each pair reads its chunk directly). The K partial
+    softmaxes are merged.
     """
     B, Hkv, G, b, D = q.shape
     w, K, dev = cache.w, cache.K, q.device
@@ -348,6 +336,7 @@ def read_pairs(cache, q_pairs, rows):
     operations, most of a step's kernel launches on a GPU, and it saves little there: at most G
     pairs share a chunk. A slice of pairs at a time, as read_rows."""
     D, step = q_pairs.shape[-1], rows_per_slice(cache, 1, q_pairs.shape[-1])
+    rows = cache.kv.where_gathered(rows)  # offloaded: read back to the host (a wait)
     pieces = [attention_lse(q_pairs[i:i + step, None], *cache.kv.chunks(rows[i:i + step]),
                             fused=not cache.cuda_layout)  # (p, 1, D) against (p, w, D) each
               for i in range(0, len(rows), step)]
@@ -384,12 +373,16 @@ def read_rows(cache, q_pairs, pair, row_groups, m):
     source = pair.clamp(max=P - 1)  # (slots,): an empty slot reads some pair's query, in vain
     at_once = not cache.cuda_layout  # a CPU's block is small: BLOCK_SCORES bounds it
     q_slots = q_pairs.index_select(0, source) if at_once else None  # (slots, D)
-    first, done = 0, []  # done: pieces (first slot, out, lse) not yet back with their pairs
+    # every row's chunk: its row of k.view(-1, w, D), on the device that gathers (offloaded: the
+    # host, read back once for the block)
+    kv_rows = cache.kv.where_gathered(torch.cat([bucket // m * chunks_per_head + bucket % m
+                                                 for bucket, _ in row_groups]))  # (all rows,)
+    first, first_row, done = 0, 0, []  # done: pieces (first slot, out, lse) not yet put back
     for row_bucket, length in row_groups:
-        kv_rows = row_bucket // m * chunks_per_head + row_bucket % m  # (n_rows,): k.view(-1, w, D)
         step = rows_per_slice(cache, length, D)
         for r in range(0, len(row_bucket), step):
-            k_rows, v_rows = cache.kv.chunks(kv_rows[r:r + step])  # (n_rows, w, D) each: one read
+            rows = kv_rows[first_row + r:first_row + min(r + step, len(row_bucket))]
+            k_rows, v_rows = cache.kv.chunks(rows)  # (n_rows, w, D) each: one read
             lo, hi = first + r * length, first + min(r + step, len(row_bucket)) * length
             q_piece = q_slots[lo:hi] if at_once else q_pairs.index_select(0, source[lo:hi])
             piece_out, piece_lse = attention_lse(q_piece.view(-1, length, D), k_rows, v_rows,
@@ -399,6 +392,7 @@ def read_rows(cache, q_pairs, pair, row_groups, m):
             if not at_once:
                 done = put_back(out, lse, pair, done)
         first += len(row_bucket) * length
+        first_row += len(row_bucket)
     put_back(out, lse, pair, done)
     return out[:P], lse[:P]
 
@@ -425,26 +419,35 @@ def rows_per_slice(cache, length, D):
 
 def own_chunk(cache, q, s, e):
     """Queries s..e-1, q (B, Hkv, G, b, D) rotated for rank K - 1, read their own chunk up to
-    themselves, all from one window of keys: from the first query's chunk start to e.
+    themselves: each chunk's queries in one attention over that chunk's keys alone (<= w).
     Returns attention_lse's out (B, Hkv, G, b, D) and lse (B, Hkv, G, b)."""
     B, Hkv, G, b, D = q.shape
     w = cache.w
-    lo = s // w * w  # the window's first key
-    k, v = cache.kv.span(lo, e)  # (B, Hkv, e - lo, D) each
-    # why repeat, not repeat_interleave: after the reshape below a head's b queries are
-    # contiguous; one query (a decoding step) sees its whole window: no mask
-    mask = own_mask(s, e, w, q.device).repeat(G, 1) if b > 1 else None  # (G * b, e - lo)
-    # the G query heads of a key/value head share its keys: one (G * b)-query problem each
-    q = q.reshape(B * Hkv, G * b, D)  # (B * Hkv, G * b, D)
-    k, v = k.flatten(0, 1), v.flatten(0, 1)  # (B * Hkv, e - lo, D) each
-    # why slices of heads: a head's logits are (G * b, e - lo), and a block has B * Hkv heads
-    per_head = (G * b * (e - lo + D) + 2 * (e - lo) * D) * 4  # float32 logits, output, k, v
-    step = max(1, cache.piece_bytes // per_head)
+    lo, n = s // w * w, (e - 1) // w - s // w + 1  # the first chunk's first key; chunks
+    first, last, hi = s, e, e  # the positions of a chunk's queries (here all), the keys' end
+    if n > 1:
+        # why pad to whole chunks: then each chunk's queries read its w keys under one mask,
+        # where one window of keys lo..e-1 for them all would score n times the keys needed
+        padded = q.new_zeros(B, Hkv, G, n * w, D)  # a padding query reads in vain, dropped
+        padded[..., s - lo:e - lo, :] = q
+        q, first, last, hi = padded, lo, lo + w, lo + n * w
+    Q = last - first
+    # (B, Hkv, G, n * Q, D) -> (B * Hkv * n, G * Q, D): a chunk's G query heads share its keys
+    q = q.reshape(B * Hkv, G, n, Q, D).transpose(1, 2).reshape(-1, G * Q, D)
+    k, v = [x.reshape(B * Hkv * n, -1, D) for x in cache.kv.span(lo, hi)]  # (.., S, D) each
+    # why repeat, not repeat_interleave: a chunk's G * Q queries go head by head; one query (a
+    # decoding step) sees its whole chunk so far: no mask
+    mask = own_mask(first, last, w, q.device).repeat(G, 1) if b > 1 else None  # (G * Q, S)
+    # why slices: an attention's logits are (G * Q, S), and a block has B * Hkv * n of them
+    S = k.shape[1]
+    step = max(1, cache.piece_bytes // ((G * Q * (S + D) + 2 * S * D) * 4))  # float32 each
     pieces = [attention_lse(q[i:i + step], k[i:i + step], v[i:i + step], mask,
-                            fused=not cache.cuda_layout) for i in range(0, B * Hkv, step)]
-    # (B * Hkv, G * b, D), (B * Hkv, G * b)
+                            fused=not cache.cuda_layout) for i in range(0, len(q), step)]
     out, lse = [torch.cat(x) if len(x) > 1 else x[0] for x in zip(*pieces)]
-    return out.view(B, Hkv, G, b, D), lse.view(B, Hkv, G, b)
+    # (B * Hkv * n, G * Q, ...) -> (B, Hkv, G, n * Q, ...): the queries' order again
+    out = out.view(B, Hkv, n, G, Q, D).transpose(2, 3).reshape(B, Hkv, G, n * Q, D)
+    lse = lse.view(B, Hkv, n, G, Q).transpose(2, 3).reshape(B, Hkv, G, n * Q)
+    return out[..., s - first:e - first, :], lse[..., s - first:e - first]
 
 
 def own_mask(s, e, w, device):

@@ -32,26 +32,35 @@ shape at 128k tokens, bfloat16), fed whole and in Llama.prefill's pieces (2048 t
 generate and the scripts use; --prefill-piece sets another), with and
 without offload, part by part: weights, keys and values, the rest of the caches, working memory
 (one layer's peak, the GPU layout's code run on meta tensors: see "memory on paper" below).
+On a GPU every measurement is planned so first: none starts whose estimate is over FIT of the
+card; a prefill that does not fit whole runs in pieces, one that fits neither way is recorded
+as skipped with the estimate's parts. --plan prints the plan, one JSON line a measurement, for
+the card here or one of --gpu-memory GiB, and measures nothing. --logs DIR keeps each
+measurement's whole stderr, as it comes.
 """
 import argparse
+import contextlib
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 
 from lab.common import command, printout_head
 from longheads import CHUNK_SIZE, check_config, default_num_chunks, longheads_attention
-from model import PREFILL_PIECE, Llama, LlamaConfig
+from model import PREFILL_PIECE, KVCache, Llama, LlamaConfig
 from passkey import commit, prompt_parts
 from tiled import SUMMARY_TOKENS, LongHeadsCache, tiled_attention
 
@@ -310,6 +319,25 @@ def block_working_bytes(H, Hkv, D, chunk_size, num_chunks, length, dtype=torch.b
     return live.peak, q.shape[2]
 
 
+def block_flops(H, Hkv, D, chunk_size, num_chunks, length, dtype=torch.bfloat16):
+    """The floating-point operations of the matrix products (scores, weighted sums) in the last
+    block of a prompt of `length` tokens, the GPU layout on meta tensors, storing included:
+    (the block's, its own chunk's part)."""
+    import tiled
+    cache, q, k = last_block(H, Hkv, D, chunk_size, num_chunks, length, dtype, "meta")
+    own, real = [], tiled.own_chunk
+
+    def counted(*args):  # the own chunk's part, counted apart
+        with FlopCounterMode(display=False) as inner:
+            out = real(*args)
+        own.append(inner.get_total_flops())
+        return out
+    with FlopCounterMode(display=False) as total, torch.no_grad(), \
+            mock.patch.object(tiled, "own_chunk", counted):
+        cache(q, k, k)
+    return total.get_total_flops(), sum(own)
+
+
 def last_block(H, Hkv, D, chunk_size, num_chunks, length, dtype, device):
     """A cache in the GPU layout that holds all but the last block of a prompt of `length` tokens,
     as if stored (what they hold is moot), and that block's q (1, H, b, D) and k (1, Hkv, b, D)."""
@@ -322,33 +350,54 @@ def last_block(H, Hkv, D, chunk_size, num_chunks, length, dtype, device):
     return cache, q, k
 
 
-def estimate_memory(shape, length, piece, chunk_size, num_chunks, dtype=torch.bfloat16):
-    """The GPU's bytes for a LongHeads prefill of `length` tokens fed `piece` tokens at a time,
-    by part: {"weights", "kv" (keys and values: offload keeps them in host memory), "cache" (the
-    rest of the caches: summaries, the first chunks' keys at true positions, RoPE tables),
-    "working" (one layer's peak on the last piece: activations and attention), "copies" (what
-    offload copies to the GPU that would otherwise be read in place)}."""
+def estimate_memory(shape, length, piece, chunk_size, num_chunks, dtype=torch.bfloat16,
+                    attention="longheads"):
+    """The GPU's bytes for a prefill of `length` tokens fed `piece` tokens at a time (piece 1:
+    a decoding step after length - 1 tokens), by part: {"weights", "kv" (keys and values:
+    offload keeps LongHeads' in host memory), "cache" (the rest of the caches: summaries, the
+    first chunks' keys at true positions, RoPE tables), "working" (one layer's peak on the last
+    piece: activations and attention), "copies" (what offload copies to the GPU that would
+    otherwise be read in place)}. attention: "longheads" or "full"."""
     cfg = LlamaConfig(**SHAPES[shape])
     with torch.device("meta"):
-        model = Llama(cfg, attention="longheads", chunk_size=chunk_size, num_chunks=num_chunks)
+        model = Llama(cfg, attention=attention, chunk_size=chunk_size, num_chunks=num_chunks)
     model = model.to(dtype)
     H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    cache = LongHeadsCache(1, H, Hkv, length, D, chunk_size=chunk_size, num_chunks=num_chunks,
-                           rope=cfg.inv_freq(chunk_size * num_chunks), dtype=dtype, device="meta",
-                           for_device="cuda")
+    if attention == "full":
+        cache = KVCache(1, H, Hkv, length, D, inv_freq=cfg.inv_freq(length), dtype=dtype,
+                        device="meta")
+        kv = cache.k.nbytes + cache.v.nbytes
+    else:
+        cache = LongHeadsCache(1, H, Hkv, length, D, chunk_size=chunk_size,
+                               num_chunks=num_chunks, rope=cfg.inv_freq(chunk_size * num_chunks),
+                               dtype=dtype, device="meta", for_device="cuda")
+        kv = cache.kv.k.nbytes + cache.kv.v.nbytes
     layers = cfg.num_hidden_layers
-    kv = cache.kv.k.nbytes + cache.kv.v.nbytes
     rest = sum(x.nbytes for x in cache.buffers()) - kv
-    cache.length = length - piece  # the last piece: the most chunks to read
+    cache.length = length - piece  # the last piece: the most keys to read
     x = torch.zeros(1, piece, cfg.hidden_size, dtype=dtype, device="meta")  # (B, piece, C)
-    with LiveBytes() as live, torch.no_grad():
+    with LiveBytes() as live, torch.no_grad(), flash_on_paper():
         model.model.layers[0](x, cache)
     # offloaded, a block's own-chunk window and a summary's span of keys and values come to the
     # GPU as copies, one at a time: (B, Hkv, tokens, D) each of k and v
-    window = max(cache.block_size + chunk_size, SUMMARY_TOKENS)
+    window = max(getattr(cache, "block_size", 0) + chunk_size, SUMMARY_TOKENS)
     copies = 2 * Hkv * window * D * x.element_size()
     return dict(weights=sum(p.nbytes for p in model.parameters()), kv=layers * kv,
                 cache=layers * rest, working=live.peak + x.nbytes, copies=copies)
+
+
+def flash_on_paper():
+    """causal_attention as a GPU's fused kernels hold it (flash, memory-efficient): the output,
+    no score matrix. On meta tensors SDPA takes its plain path, which makes every score (281 GB
+    for 32 heads at 32k tokens). Llama-2-7B has a key/value head per query head, so the copies
+    of keys that grouped heads need there are not made either."""
+    import model as model_module
+    import tiled
+    stand_in = lambda q, k, v, cuda_layout=None: torch.empty_like(q)  # (B, H, T, D)
+    stack = contextlib.ExitStack()
+    for module in (model_module, tiled):  # full attention calls it, and LongHeads' first chunks
+        stack.enter_context(mock.patch.object(module, "causal_attention", stand_in))
+    return stack
 
 
 def memory_table(args):
@@ -380,27 +429,111 @@ def memory_table(args):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- what fits the card
+FIT = 0.9  # of the card's memory a plan may fill on paper: the rest is what the paper misses
+
+def card_bytes(args):
+    """The GPU's memory in bytes: --gpu-memory (GiB), else the CUDA device's; None on a CPU."""
+    if args.gpu_memory:
+        return int(args.gpu_memory * 2**30)
+    if is_cuda(args.device) and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    return None
+
+
+def paper_bytes(args, kind, attention, length, setting, piece):
+    """One measurement's GPU peak on paper, and its parts (estimate_memory's; attention alone:
+    attention_bytes'). piece: the prefill's piece, None for whole."""
+    chunk_size, num_chunks = setting
+    shape = args.shape or "smollm2"
+    cfg, dtype = LlamaConfig(**SHAPES[shape]), getattr(torch, args.dtype)
+    num_chunks = num_chunks or default_num_chunks(cfg.max_position_embeddings, chunk_size)
+    if kind == "attention":
+        parts = attention_bytes(cfg, length, chunk_size, num_chunks, dtype)
+        return sum(parts.values()), parts
+    if kind == "decode":  # a step after the caches hold the length and the steps before it
+        length, piece = length + DECODE_STEPS + 2, 1
+    m = estimate_memory(shape, length, piece or length, chunk_size, num_chunks, dtype,
+                        "full" if attention == "full" else "longheads")
+    offloaded = attention == "offload"
+    parts = dict(weights=m["weights"], kv=0 if offloaded else m["kv"], cache=m["cache"],
+                 working=m["working"], copies=m["copies"] if offloaded else 0)
+    return sum(parts.values()), parts
+
+
+def attention_bytes(cfg, T, w, K, dtype):
+    """Attention alone's GPU peak on paper, by part: its inputs q, k, v and SDPA's output, and
+    the larger of what the other two ways hold: the tiled path's cache and one block's working
+    memory, or the short path's bound read off longheads_attention (float32: three copies each
+    of q, k, v padded and rotated, its output twice, and one chunk of queries against a union
+    of at most every chunk: H x n x w x (3 D + 2 w) numbers)."""
+    H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    size, n = torch.finfo(dtype).bits // 8, -(-T // w)
+    cache = LongHeadsCache(1, H, Hkv, T, D, chunk_size=w, num_chunks=K, dtype=dtype,
+                           device="meta", for_device="cuda")
+    block = block_working_bytes(H, Hkv, D, w, K, T, dtype)[0] if T > w * K else 0
+    tiled_way = sum(x.nbytes for x in cache.buffers()) + block
+    short = 4 * n * w * (3 * (H + 2 * Hkv) * D + 2 * H * D + H * (3 * D + 2 * w))
+    return dict(inputs=(2 * H + 2 * Hkv) * T * D * size, working=max(tiled_way, short))
+
+
+def plan(args, kind, attention, length, setting):
+    """Whether one measurement fits the card, on paper: {"piece": the prefill's piece (None:
+    whole), "estimate_bytes", "fit_bytes", "skip": why it does not run, or None}. A prefill that
+    does not fit whole is tried in Llama.prefill's pieces. Without a card (a CPU) it runs as
+    asked."""
+    card = card_bytes(args)
+    if card is None:
+        return dict(piece=args.prefill_piece, skip=None)
+    fit = int(FIT * card)
+    pieces = [args.prefill_piece]
+    if kind == "prefill" and (args.prefill_piece or length) > PREFILL_PIECE:
+        pieces.append(PREFILL_PIECE)
+    for piece in pieces:
+        total, parts = paper_bytes(args, kind, attention, length, setting, piece)
+        if total <= fit:
+            return dict(piece=piece, estimate_bytes=total, fit_bytes=fit, skip=None)
+    how = f"in pieces of {piece}" if piece else "whole"
+    named = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in parts.items() if v)
+    return dict(piece=piece, estimate_bytes=total, fit_bytes=fit,
+                skip=f"{total / 1e9:.1f} GB on paper {how} ({named} GB; lab.bench "
+                     f"--estimate-memory) > {fit / 1e9:.1f} GB, {FIT:.0%} of the card's "
+                     f"{card / 2**30:.0f} GiB")
+
+
+def plan_line(args, kind, attention, length, setting=None):
+    """--plan: one measurement's plan as one JSON line, nothing run."""
+    setting = setting or (args.chunk_size, args.num_chunks)
+    fits = plan(args, kind, attention, length, setting)
+    named = {} if attention in ("full", "random", "text") else dict(setting="%dx%s" % setting)
+    print(json.dumps(dict(kind=kind, attention=attention, length=length, **named, **fits)))
+    return fits
+
+
 # ----------------------------------------------------------------------------- the run
 
 def child(args, kind, attention, length, setting=None):
     """One measurement in a fresh process; a failure (e.g. out of memory, its time is up) is
     recorded, not fatal. setting: (chunk size, chunks per head or None) for LongHeads, else
     --chunk-size's. The record goes to --records the moment it exists."""
+    setting = setting or (args.chunk_size, args.num_chunks)
+    fits = plan(args, kind, attention, length, setting)
     argv = [sys.executable, "-m", "lab.bench", "--one", kind, attention, str(length)]
-    argv += passthrough(args, setting or (args.chunk_size, args.num_chunks))
+    argv += passthrough(args, setting, fits["piece"])
     record = dict(kind=kind, attention=attention, length=length)
+    if fits.get("estimate_bytes"):
+        record.update(estimate_bytes=fits["estimate_bytes"])
     limit = time_for_one(args)
-    if limit is not None and limit <= 0:
+    if fits["skip"]:
+        record.update(error=f"skipped: {fits['skip']}")
+    elif limit is not None and limit <= 0:
         record.update(error="skipped: --deadline reached")
     else:
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=limit, cwd=ROOT)
-        except subprocess.TimeoutExpired:
-            record.update(error=f"timed out after {limit:.0f} s")
-        else:
-            record = read_child(args, done, record)
+        named = [] if attention == "full" else ["x".join(str(x) for x in setting if x)]
+        record = run_child(args, argv, limit, record, "-".join([kind, attention, str(length)]
+                                                                  + named))
     if "error" in record:
-        print(f"  {kind} {attention} {length}: failed: {record['error']}", file=sys.stderr)
+        print(f"  {kind} {attention} {length}: {failure(record)}", file=sys.stderr)
     else:
         numbers = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
         label = " ".join(x for x in (kind, attention, record.get("setting"), str(length)) if x)
@@ -413,14 +546,41 @@ def child(args, kind, attention, length, setting=None):
     return record
 
 
-def read_child(args, done, record):
-    """The record a finished child printed, or its failure."""
+def run_child(args, argv, limit, record, name):
+    """Run one measurement's process. Its whole stderr goes, as it comes, to the file name.log
+    under --logs (else it is kept in memory). Returns the record it printed, or its failure:
+    the line that names the error (the last lines of a CUDA error are advice), and the log."""
+    path = Path(args.logs) / f"{name}.log" if args.logs else None
+    where = f" ({path})" if path else ""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(path, "w") if path else subprocess.PIPE
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=log, text=True, timeout=limit,
+                              cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return dict(record, error=f"timed out after {limit:.0f} s{where}")
+    finally:
+        if path:
+            log.close()
+    stderr = path.read_text() if path else done.stderr
     if done.returncode != 0:
-        reason = (done.stderr.strip().splitlines() or ["exit code %d" % done.returncode])[-1]
-        return dict(record, error=reason)
+        return dict(record, error=(error_line(stderr) or f"exit code {done.returncode}") + where)
     if args.profile:
-        print(done.stderr, file=sys.stderr)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        print(stderr, file=sys.stderr)
+    planned = {k: v for k, v in record.items() if k == "estimate_bytes"}  # the parent's own
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]), **planned)
+
+
+def error_line(stderr):
+    """The line of a failed process's stderr that names its error: the last exception line of
+    a traceback ("torch.OutOfMemoryError: CUDA out of memory ..."), else its last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    named = [line for line in lines if ERROR_LINE.match(line)]
+    return (named or lines or [""])[-1]
+
+
+ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*:")
 
 
 def time_for_one(args):
@@ -431,32 +591,35 @@ def time_for_one(args):
     return left if args.timeout is None else min(args.timeout, left)
 
 
-def passthrough(args, setting):
+def passthrough(args, setting, piece):
     chunk_size, num_chunks = setting
     out = ["--device", args.device, "--dtype", args.dtype, "--repeat", str(args.repeat),
            "--chunk-size", str(chunk_size)]
     out += ["--num-chunks", str(num_chunks)] if num_chunks else []
+    out += ["--prefill-piece", str(piece)] if piece else []
     out += ["--profile"] if args.profile else []
     return out + (["--shape", args.shape] if args.shape else [])
 
 
-def run(args):
-    """Every measurement: full attention once per length, LongHeads once per setting."""
+def run(args, plan_only=False):
+    """Every measurement: full attention once per length, LongHeads once per setting; or with
+    plan_only, each one's plan printed (plan_line), nothing run."""
+    one = plan_line if plan_only else child  # what each measurement gets
     settings, records = [(args.chunk_size, args.num_chunks)] + args.also, []
     for length in args.lengths:
         if not (args.full_max and length > args.full_max):
-            records.append(child(args, "prefill", "full", length))
+            records.append(one(args, "prefill", "full", length))
         offload = args.offload and not (args.offload_max and length > args.offload_max)
         for setting in settings:
             for attention in ["longheads"] + ["offload"] * offload:
-                records.append(child(args, "prefill", attention, length, setting))
+                records.append(one(args, "prefill", attention, length, setting))
     for length in args.decode_lengths:
-        records.append(child(args, "decode", "full", length))
-        records += [child(args, "decode", "longheads", length, s) for s in settings]
+        records.append(one(args, "decode", "full", length))
+        records += [one(args, "decode", "longheads", length, s) for s in settings]
     on_disk = default_model(args) is not None
     for length in args.attention_lengths:
         for inputs in ["random"] + ["text"] * on_disk:  # real text needs the tokenizer
-            records += [child(args, "attention", inputs, length, s) for s in settings]
+            records += [one(args, "attention", inputs, length, s) for s in settings]
     return records
 
 
@@ -505,6 +668,11 @@ def ratios(records):
     return out
 
 
+def failure(r):
+    """A record's error as a table says it: a skip is not a failure."""
+    return r["error"] if r["error"].startswith("skipped") else "failed: " + r["error"]
+
+
 def label(r):
     """A record's attention: "full", or LongHeads and its setting, "longheads 256x32"."""
     return f"{r['attention']} {r['setting']}" if "setting" in r else r["attention"]
@@ -514,7 +682,7 @@ def table(records, ratio):
     lines = ["| measurement | attention | tokens | result |", "|---|---|---|---|"]
     for r in records:
         if "error" in r:
-            result = "failed: " + r["error"]
+            result = failure(r)
         elif r["kind"] == "prefill":
             gib = lambda x: f"{x / 2**30:.2f} GiB"
             gpu = f" (GPU {r['gpu_seconds']:.2f} s)" if r.get("gpu_seconds") is not None else ""
@@ -572,6 +740,14 @@ def parse_args(argv=None):
                    "peak of a LongHeads prefill of --estimate-length tokens (default shape "
                    "llama2-7b), with and without offload, and exit: no measurement")
     p.add_argument("--estimate-length", type=int, default=131072)
+    p.add_argument("--plan", action="store_true", help="print each measurement's GPU memory "
+                   "on paper and whether it runs (whole, in pieces, skipped), one JSON line "
+                   "each, and exit: nothing is measured")
+    p.add_argument("--gpu-memory", type=float, metavar="GIB", help="the card's memory, for "
+                   "the plan (default: the CUDA device's); a measurement whose estimate is "
+                   f"over {FIT:.0%} of it runs in pieces, or is recorded as skipped")
+    p.add_argument("--logs", help="write each measurement's stderr to a file in this folder, "
+                   "as it comes")
     p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: one measurement
     args = p.parse_args(argv)
     on_gpu = args.device.startswith("cuda") or args.estimate_memory  # an estimate is for a GPU
@@ -587,8 +763,12 @@ def check_args(p, args):
         p.error("lengths and --repeat must be positive")
     if any(x is not None and x <= 0 for x in (args.timeout, args.deadline)):
         p.error("--timeout and --deadline must be positive seconds")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available here; use --device cpu")
+    if args.device.startswith("cuda") and not torch.cuda.is_available() and not args.plan:
+        p.error("--device cuda: no CUDA device is available here; use --device cpu, or --plan")
+    if args.plan and is_cuda(args.device) and not (args.gpu_memory or torch.cuda.is_available()):
+        p.error("--plan for a GPU not here: give the card's memory, --gpu-memory GIB")
+    if args.gpu_memory is not None and args.gpu_memory <= 0:
+        p.error("--gpu-memory must be positive GiB")
     if args.offload and not args.device.startswith("cuda"):
         p.error("--offload moves LongHeads' cache from a GPU to CPU memory: it needs --device cuda")
     for chunk_size, num_chunks in [(args.chunk_size, args.num_chunks)] + args.also:
@@ -604,10 +784,13 @@ def main(argv=None):
         return print(printout_head("lab.bench", argv) + "\n" + memory_table(args))
     if args.one:
         return measure(args)
+    if args.plan:
+        return run(args, plan_only=True)
     start = args.started = time.perf_counter()
     records = run(args)
-    if records and all("error" in r for r in records):
-        sys.exit("lab.bench: every measurement failed (the lines above say why)")
+    ran = [r for r in records if not r.get("error", "").startswith("skipped")]
+    if ran and all("error" in r for r in ran):  # a skip, planned, is not a failure
+        sys.exit("lab.bench: every measurement that ran failed (the lines above say why)")
     ratio = ratios(records)
     print(table(records, ratio))
     print(f"\n{time.perf_counter() - start:.0f} s in all, device {args.device}, {args.dtype}, "

@@ -2,6 +2,7 @@
 CPU) writes every record the moment it exists, and a run killed halfway keeps what it finished."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,6 +32,8 @@ def test_the_dry_run_streams_records_and_a_kill_keeps_them(tmp_path):
     assert len(kept) >= 2 and kept[0]["kind"] == "prefill" and "seconds" in kept[0]
     assert all(r["gpu_seconds"] is None for r in kept if r["kind"] == "prefill")  # no CUDA here
     assert "passed" in (tmp_path / "tests.log").read_text()  # the tests' log came first
+    assert "float32 matmul precision" in (tmp_path / "versions.txt").read_text()  # first of all
+    assert len(list((tmp_path / "logs").glob("prefill-*.log"))) >= 2  # each child's stderr
     assert not (tmp_path / "bench.json").exists()  # the summary is written at the end only
 
 
@@ -68,3 +71,61 @@ def test_the_gpu_check_times_offload_at_8k_only(monkeypatch):
     bench.run(args)
     assert [c for c in calls if c[1] == "offload"] == [("prefill", "offload", 8192)]
     assert ("prefill", "longheads", 32768) in calls
+
+
+def gpu_plan(gib):
+    """gpu_check.sh --plan against a card of `gib` GiB: its time plan's total, and one record per
+    measurement the GPU run would start, with its estimate on paper."""
+    env = dict(os.environ, PYTHON=sys.executable, GPU_MEMORY_GIB=str(gib))
+    done = subprocess.run(["./gpu_check.sh", "--plan"], cwd=HERE, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    total = int(re.search(r"= (\d+) s of 480", done.stdout).group(1))
+    return total, [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
+
+
+def test_the_gpu_run_fits_an_h100_on_paper_and_leaves_a_minute():
+    """The real plan of gpu_check.sh's GPU run (its own bench arguments), on a 78 GiB card: every
+    measurement it starts is estimated (lab.bench --estimate-memory's arithmetic) under 90 % of
+    the card, whole or in pieces; the one that fits neither way, LongHeads at 131072 tokens not
+    offloaded (keys and values 68.7 GB + weights 13.5 GB), is skipped with those numbers. Its
+    steps' limits leave at least 60 s of its 8 minutes."""
+    total, planned = gpu_plan(78)
+    assert total <= 420, total
+    fit = 0.9 * 78 * 2**30
+    assert len(planned) == 10 and all(r["fit_bytes"] <= fit for r in planned), planned
+    for r in planned:
+        assert (r["estimate_bytes"] <= fit) == (r["skip"] is None), r
+    skipped = [r for r in planned if r["skip"]]
+    assert [(r["attention"], r["length"]) for r in skipped] == [("longheads", 131072)]
+    assert "kv 68.7" in skipped[0]["skip"] and "weights 13.5" in skipped[0]["skip"]
+
+
+def test_on_an_h200_the_128k_prefill_runs_whole():
+    """The same plan on a 139 GiB card: nothing skipped; 131072 tokens whole, 95.6 GB."""
+    _, planned = gpu_plan(139)
+    assert not [r for r in planned if r["skip"]]
+    long = [r for r in planned if r["length"] == 131072]
+    assert len(long) == 1 and long[0]["piece"] is None and long[0]["estimate_bytes"] > 90e9
+
+
+CUDA_FAILURE = (  # how torch reports a CUDA error: the cause, then three lines of advice
+    'Traceback (most recent call last):\n  File "lab/bench.py", line 250, in measure\n'
+    "torch.AcceleratorError: CUDA error: an illegal memory access was encountered\n"
+    "CUDA kernel errors might be asynchronously reported at some other API call, so the "
+    "stacktrace below might be incorrect.\n"
+    "For debugging consider passing CUDA_LAUNCH_BLOCKING=1\n"
+    "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\n")
+
+
+def test_a_failed_measurement_keeps_its_cause_and_its_whole_stderr(tmp_path):
+    """A child that dies of a CUDA error: its record names the error's line, not the advice CUDA
+    prints after it, and --logs keeps its whole stderr (written as it came)."""
+    from lab import bench
+    args = bench.parse_args(["--logs", str(tmp_path / "logs")])
+    argv = [sys.executable, "-c", f"import sys; sys.stderr.write({CUDA_FAILURE!r}); sys.exit(1)"]
+    record = bench.run_child(args, argv, 60, dict(kind="prefill"), "prefill-longheads-8192")
+    assert record["error"].startswith("torch.AcceleratorError: CUDA error: an illegal memory")
+    log = tmp_path / "logs" / "prefill-longheads-8192.log"
+    assert str(log) in record["error"] and log.read_text() == CUDA_FAILURE
+    assert bench.error_line("no traceback, one line\n") == "no traceback, one line"

@@ -59,11 +59,13 @@ UNSEEN_WAITS = (".tolist(", ".cpu(", ".numpy(", ".item(", "torch.equal", "bincou
 def test_the_gpu_path_reads_nothing_back_that_the_recorder_cannot_see():
     """The functions a block and a step run in the GPU layout, read as text: none of the reads
     back the recorder misses (pack's exact count and .tolist() serve the CPU's layout only, and
-    an offloaded gather's rows.cpu() is its one deliberate wait: both are left out)."""
+    an offloaded block's read back of its rows, ChunkedKV.where_gathered, is deliberate: both
+    are left out)."""
     import inspect
     import tiled
     path = [tiled.LongHeadsCache.forward, tiled.LongHeadsCache._store,
             tiled.LongHeadsCache._summarise, tiled.ChunkedKV.write, tiled.ChunkedKV.span,
+            tiled.ChunkedKV.chunks,
             tiled.ChunkedKV._stage, tiled.attend_first_chunks, tiled.attend_block,
             tiled.score_candidates, tiled.read_picks, tiled.read_pairs, tiled.read_rows,
             tiled.put_back, tiled.rows_per_slice, tiled.own_chunk, tiled.own_mask,

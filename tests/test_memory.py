@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import tiled
-from lab.bench import LiveBytes, block_working_bytes, estimate_memory
+from lab.bench import LiveBytes, block_flops, block_working_bytes, estimate_memory
 from longheads import longheads_reference
 from test_longheads import PROPERTY, problems
 from tiled import LongHeadsCache, tiled_attention
@@ -86,39 +86,62 @@ def test_live_bytes_counts_what_is_alive_not_views_or_what_came_before():
     assert live.peak == 400 + 4000 and c.shape == a.shape
 
 
-class FakeCudart:
-    """torch.cuda.cudart()'s two calls that host_zeros makes, recorded (no CUDA here)."""
+@pytest.mark.parametrize("for_device", ["cpu", "cuda"])
+def test_a_block_reads_its_own_chunk_not_the_blocks_window(for_device):
+    """Issue 39: every piece of attention past the first K chunks reads at most w keys a query:
+    a picked chunk, or the own chunk, whatever the block's size. Here blocks of 100 queries,
+    w = 16, most starting mid-chunk, in both layouts; the result is still the reference's."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 300, 16, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 300, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    opts, keys = dict(chunk_size=16, num_chunks=5), []
+    real = tiled.attention_lse
 
-    class cudaError:
-        success = 0
-
-    def __init__(self):
-        self.registered, self.unregistered = [], []
-
-    def cudaHostRegister(self, ptr, size, flags):
-        self.registered.append((ptr, size))
-        return 0
-
-    def cudaHostUnregister(self, ptr):
-        self.unregistered.append(ptr)
-        return 0
+    def spy(q, k, v, mask=None, fused=True):
+        keys.append(k.shape[1])  # (N, S, D): S keys a query
+        return real(q, k, v, mask, fused)
+    with mock.patch.object(tiled, "attention_lse", spy):
+        got = tiled_attention(q, k, v, block_size=100, for_device=for_device, **opts)
+    torch.testing.assert_close(got, longheads_reference(q, k, v, **opts))
+    assert keys and max(keys) <= 16, keys
 
 
-def test_offloaded_keys_and_values_ask_exactly_their_bytes_of_host_memory():
-    """--len 131072 with w = 256 is 513 chunks: 1.002 times a power of two. PyTorch's pinned
-    allocator took the next power of two for each buffer (2 GiB for 1.002 GiB at 7B); the cache
-    now registers pageable memory of exactly its size with CUDA, and unregisters it when freed."""
-    import gc
-    fake, tokens = FakeCudart(), 513 * 256
-    with mock.patch.object(torch.cuda, "cudart", lambda: fake):
-        kv = tiled.ChunkedKV(1, 2, tokens, 8, 256, torch.float32, torch.device("cuda"), True)
-        exact = 1 * 2 * tokens * 8 * 4  # (B, Hkv, tokens, D) float32
-        assert [size for _, size in fake.registered] == [exact, exact]
-        assert [ptr for ptr, _ in fake.registered] == [kv.k.data_ptr(), kv.v.data_ptr()]
-        assert kv.k.device.type == "cpu" and kv.k.untyped_storage().nbytes() == exact
-        del kv
-        gc.collect()
-    assert sorted(fake.unregistered) == sorted(ptr for ptr, _ in fake.registered)
+def test_the_own_chunk_is_a_small_share_of_a_7b_blocks_work():
+    """The work (floating-point operations of the matrix products, counted on meta tensors) of
+    the last block of an 8192-token prompt at Llama-2-7B's shape, the paper's 256 x 16, GPU
+    layout: 2048 queries in 8 chunks. Each chunk's queries against its own 256 keys cost
+    2 x 2 x H x 8 x 256 x 256 x D = 8.6e9 (padding a partial chunk would add at most two
+    chunks); against the block's whole window, as before issue 39, they cost 68.7e9 of the
+    block's 211e9."""
+    total, own = block_flops(H=32, Hkv=32, D=128, chunk_size=256, num_chunks=16, length=8192)
+    assert own <= 2 * 2 * 32 * (8 + 2) * 256 * 256 * 128, (own, total)
+    assert own > 0 and total < 160e9, (own, total)
+
+
+def test_an_offloaded_block_learns_its_rows_once():
+    """Offloaded, the host gathers the rows a block reads, so it must read them back from the
+    GPU, a wait: once a block (ChunkedKV.where_gathered), not once a slice of rows. Counted in
+    the GPU layout on the CPU, with pieces small enough that a block goes in many slices."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 400, 16, generator=gen)
+    k, v = (torch.randn(1, 2, 400, 16, generator=gen) for _ in range(2))
+    with mock.patch.object(tiled, "CUDA_PIECE_BYTES", 2**14):  # read when a cache is made
+        cache = LongHeadsCache(1, 4, 2, 400, 16, chunk_size=16, num_chunks=5, block_size=120,
+                               for_device="cuda")
+    gathered, read = [], []  # rows read back, once a block; rows read, once a slice
+    real_gathered, real_chunks = tiled.ChunkedKV.where_gathered, tiled.ChunkedKV.chunks
+
+    def where_gathered(kv, rows):
+        gathered.append(len(rows))
+        return real_gathered(kv, rows)
+
+    def chunks(kv, rows):
+        read.append(len(rows))
+        return real_chunks(kv, rows)
+    with mock.patch.multiple(tiled.ChunkedKV, where_gathered=where_gathered, chunks=chunks):
+        cache(q, k, v)
+    assert len(gathered) == 3, gathered  # blocks 80.., 200.., 320..
+    assert len(read) > 3 * len(gathered), read  # ... each in several slices
 
 
 def test_sliced_pieces_in_the_gpu_layout_never_wait():
