@@ -57,9 +57,9 @@ fi
 
 echo "== versions"
 {
-  [ "$device" = cpu ] || nvidia-smi --query-gpu=name,memory.total,driver_version \
+  [ "$device" = cpu ] || timeout 10 nvidia-smi --query-gpu=name,memory.total,driver_version \
     --format=csv,noheader
-  "$PY" - <<'EOF'
+  timeout "$setup_s" "$PY" - <<'EOF'
 import torch
 print("torch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN",
       torch.backends.cudnn.version(), "CUDA available", torch.cuda.is_available())
@@ -67,10 +67,11 @@ if torch.cuda.is_available():
     card = torch.cuda.get_device_properties(0)
     print("device", card.name, f"{card.total_memory / 2**30:.1f} GiB",
           f"compute capability {card.major}.{card.minor}")
+matmul = torch.backends.cuda.matmul
 print("float32 matmul precision", torch.get_float32_matmul_precision(), "(highest: no TF32);",
-      "TF32 matmul", torch.backends.cuda.matmul.allow_tf32, "TF32 cuDNN",
-      torch.backends.cudnn.allow_tf32, "; bf16 reduced-precision reductions",
-      torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
+      "TF32 matmul", matmul.allow_tf32, "cuDNN", torch.backends.cudnn.allow_tf32,
+      "; matmul fp32_precision", getattr(matmul, "fp32_precision", "(not in this torch)"),
+      "; bf16 reduced-precision reductions", matmul.allow_bf16_reduced_precision_reduction)
 EOF
 } 2>&1 | tee "$OUT/versions.txt"
 status=0  # a failing step does not stop the next one: one run tells everything
