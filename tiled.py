@@ -34,8 +34,8 @@ chunks, and the work is laid out so that few, large torch operations do it:
     log-sum-exp), and no GPU has yet run this code to test one against the plain piece; the slices
     bound the plain piece's memory on any device, and the CPU runs it in every test.
   - offload=True keeps keys and values in plain CPU memory; the CPU gathers what a block reads
-    into pinned staging buffers, sent without blocking. The host waits for the GPU once a call
-    (to store), once a block (to learn its rows), and before each staged copy for the last one.
+    into pinned staging buffers, sent without blocking. The host waits for the GPU twice a call
+    (to store keys, values), once a block (to learn its rows), before each staged copy (the last).
 
 The same property tests hold this file and longheads_attention to longheads_reference, the
 per-query definition (test_longheads.py: any budget, grouped-query attention, prefill against
@@ -183,7 +183,7 @@ class ChunkedKV(torch.nn.Module):
     """Keys and values of one layer, (B, Hkv, tokens, D) each, read by token spans and by chunks,
     on the compute device, or offloaded: in plain CPU memory (no copy reads it: locking it, 64 GiB
     at 7B and 128k, buys nothing), gathered by the CPU into pinned staging buffers, sent async.
-    Offloaded waits: write, once a call; where_gathered, once a block; _stage, once a copy."""
+    Offloaded waits: write, twice a call; where_gathered, once a block; _stage, once a copy."""
 
     def __init__(self, batch, num_kv_heads, tokens, head_dim, chunk_size, dtype, device, offload):
         super().__init__()
@@ -195,8 +195,8 @@ class ChunkedKV(torch.nn.Module):
             self.register_buffer(name, x, persistent=False)
 
     def write(self, start, k, v):
-        """Store k, v (B, Hkv, T, D) as tokens start..start+T-1. Offloaded, this copy to the host
-        waits for the GPU: a call's one wait, after which the CPU may read what it wrote."""
+        """Store k, v (B, Hkv, T, D) as tokens start..start+T-1. Offloaded, each copy to the host
+        waits for the GPU (the second finds it idle); then the CPU may read what it wrote."""
         self.k[:, :, start:start + k.shape[2]] = k
         self.v[:, :, start:start + v.shape[2]] = v
 

@@ -40,6 +40,7 @@ measurement's whole stderr, as it comes.
 """
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -437,8 +438,17 @@ def card_bytes(args):
     if args.gpu_memory:
         return int(args.gpu_memory * 2**30)
     if is_cuda(args.device) and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory
+        return device_memory(args.device)
     return None
+
+
+@functools.cache
+def device_memory(device):
+    """The CUDA device's memory in bytes, asked of a child process. Why not here: asking makes a
+    CUDA context, which would hold some 0.5 GB of the card while the measurements run."""
+    ask = f"import torch; print(torch.cuda.get_device_properties({device!r}).total_memory)"
+    return int(subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True,
+                              check=True).stdout)
 
 
 def paper_bytes(args, kind, attention, length, setting, piece):
