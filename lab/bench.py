@@ -427,6 +427,10 @@ def memory_table(args):
                   f"  offload copies {gb(m['copies'])}  a block's window of keys and values",
                   f"  peak: {gb(full)} = weights + keys, values + rest + working; offloaded "
                   f"{gb(offload)} = weights + rest + working + copies"]
+    total, own = block_flops(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                             args.chunk_size, num_chunks, length, dtype)
+    lines += [f"work of a layer's last block of queries (matrix products, block_flops): "
+              f"{total / 1e9:.1f}e9 floating-point operations, its own chunk's {own / 1e9:.1f}e9"]
     return "\n".join(lines)
 
 

@@ -35,6 +35,11 @@ else  # the GPU run, or its plan
   device=cuda shape=llama2-7b lengths="8192 32768" long=131072 full_max=32768
   decode="4096 32768" examples=50 offload="--offload --offload-max 8192"
 fi
+if [ "$mode" = "--plan" ]; then  # first, as a printout in lab/results/: command and commit
+  changed=$(git status --porcelain --untracked-files=no | head -c1)
+  echo "\$ GPU_MEMORY_GIB=${GPU_MEMORY_GIB:-78} ./lab/gpu_check.sh --plan  #" \
+    "(at $(git rev-parse --short HEAD)${changed:++changes})"
+fi
 # seconds: the versions, the tests, the main bench, the long prefill, and for each bench its own
 # start and summary past its deadline; 480 - the sum is the margin, at least 60
 setup_s=25 tests_s=95 main_s=160 long_s=95 slack_s=15

@@ -288,6 +288,25 @@ def bench_attention_table(file="bench-cpu.json"):
     return "\n".join(lines)
 
 
+def gpu_plan_table(file="plan-gpu-check-78gib.txt"):
+    """The GPU check's plan on paper (a printout of gpu_check.sh --plan): its command, its time
+    plan, and each measurement's GPU memory on paper and whether it runs on that card."""
+    lines = (RESULTS / file).read_text().splitlines()
+    plans = [json.loads(x) for x in lines if x.startswith("{")]
+    fit = plans[0]["fit_bytes"] / 1e9
+    out = ["```bash", lines[0][2:], "```", "", lines[1] + ".", "",
+           row_line(["measurement", "tokens", "on paper", f"runs (under {fit:.1f} GB)"]),
+           row_line(["---"] * 4)]
+    for r in plans:
+        what = " ".join([r["kind"], r["attention"], r.get("setting", "").replace("x", " × ")])
+        how = "" if r["kind"] != "prefill" else (
+            " whole" if r["piece"] is None else f" in pieces of {r['piece']}")
+        runs = "skipped" if r["skip"] else "yes"
+        out.append(row_line([what.strip(), f"{r['length'] // 1024}k",
+                             f"{r['estimate_bytes'] / 1e9:.1f} GB{how}", runs]))
+    return "\n".join(out)
+
+
 def bench_name(s):
     """bench.py's '256x32' as the tables write settings."""
     return s if s == "full" else name(s.replace("x", " × ") + " position")

@@ -80,10 +80,12 @@ def test_commands_run_as_written_or_name_their_commit():
 
 @pytest.mark.parametrize("pattern, commands", [
     ("diagnose-*.txt", ("python passkey.py --diagnose ", "python -m lab.needles --diagnose ")),
-    ("estimate-*.txt", ("python bench.py --estimate", "python -m lab.bench --estimate"))])
+    ("estimate-*.txt", ("python bench.py --estimate", "python -m lab.bench --estimate")),
+    ("plan-*.txt", ("GPU_MEMORY_GIB=78 ./lab/gpu_check.sh --plan",))])
 def test_every_printout_names_its_command_and_commit(pattern, commands):
-    """A diagnosis or an estimate is kept as printed, "$ command  # (at commit)" its first line
-    (lab.needles --diagnose and lab.bench --estimate-memory print that line themselves)."""
+    """A diagnosis, an estimate or a plan is kept as printed, "$ command  # (at commit)" its first
+    line (lab.needles --diagnose, lab.bench --estimate-memory and gpu_check.sh --plan print that
+    line themselves)."""
     files = sorted(tables.RESULTS.glob(pattern))
     assert files
     for file in files:
