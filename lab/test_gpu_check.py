@@ -89,7 +89,8 @@ def test_the_gpu_run_fits_an_h100_on_paper_and_leaves_a_minute():
     measurement it starts is estimated (lab.bench --estimate-memory's arithmetic) under 90 % of
     the card, whole or in pieces; the one that fits neither way, LongHeads at 131072 tokens not
     offloaded (keys and values 68.7 GB + weights 13.5 GB), is skipped with those numbers. Its
-    steps' limits leave at least 60 s of its 8 minutes."""
+    steps' limits leave at least 60 s of its 8 minutes. And the report's record of the plan is
+    this plan."""
     total, planned = gpu_plan(78)
     assert total <= 420, total
     fit = 0.9 * 78 * 2**30
@@ -99,6 +100,10 @@ def test_the_gpu_run_fits_an_h100_on_paper_and_leaves_a_minute():
     skipped = [r for r in planned if r["skip"]]
     assert [(r["attention"], r["length"]) for r in skipped] == [("longheads", 131072)]
     assert "kv 68.7" in skipped[0]["skip"] and "weights 13.5" in skipped[0]["skip"]
+    record = (HERE / "results" / "plan-gpu-check-78gib.txt").read_text().splitlines()
+    assert planned == [json.loads(x) for x in record if x.startswith("{")], (
+        "lab/RESULTS.md's plan is stale: GPU_MEMORY_GIB=78 ./lab/gpu_check.sh --plan > "
+        "lab/results/plan-gpu-check-78gib.txt, then cog")
 
 
 def test_on_an_h200_the_128k_prefill_runs_whole():
