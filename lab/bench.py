@@ -31,7 +31,8 @@ prints, with no measurement, the estimated GPU memory of a LongHeads prefill (de
 shape at 128k tokens, bfloat16), fed whole and in Llama.prefill's pieces (2048 tokens, what
 generate and the scripts use; --prefill-piece sets another), with and
 without offload, part by part: weights, keys and values, the rest of the caches, working memory
-(one layer's peak, the GPU layout's code run on meta tensors: see "memory on paper" below).
+(one layer's peak, the GPU layout's code run on meta tensors: see "memory on paper" below),
+and the work of a layer's last block of queries (block_flops).
 On a GPU every measurement is planned so first: none starts whose estimate is over FIT of the
 card; a prefill that does not fit whole runs in pieces, one that fits neither way is recorded
 as skipped with the estimate's parts. --plan prints the plan, one JSON line a measurement, for
