@@ -11,14 +11,13 @@ chunks, and the work is laid out so that few, large torch operations do it:
   - Queries go a block at a time (default_block_size), so the working memory is bounded whatever
     T is. Queries in the first K chunks read every key at its true position: plain causal
     attention (SDPA) over keys the cache also keeps at true positions.
-  - Past them, a query reads its own chunk causally, each chunk's queries against that chunk's
-    keys alone (own_chunk: at most w keys a query, however large the block), and its other
-    K - 1 picks become (query, chunk) pairs, laid out in rows by chunk (pack), so that a chunk's
-    keys are read once however many queries picked it ("pair rows"; the "key rows" of
-    k.view(-1, w, D) are chunks, as in longheads.attend_picks). On a CPU a chunk gets
-    one row, padded to a multiple of TILE pairs; on a GPU rows are tiles of TILE pairs whose
-    number comes from a bound (tile_bound), not a count, so that no step waits for the GPU
-    (selection keeps its picks by a stable sort, not a boolean mask, for the same reason).
+  - Past them, a query reads its own chunk causally (own_chunk: a chunk's queries against its w keys
+    alone), and its other K - 1 picks become (query, chunk) pairs, laid out in rows by chunk (pack),
+    so that a chunk's keys are read once however many queries picked it ("pair rows"; "key rows" of
+    k.view(-1, w, D) are chunks, as in longheads.attend_picks). On a CPU a chunk gets one row,
+    padded to a multiple of TILE pairs; on a GPU rows are tiles of TILE pairs whose number comes
+    from a bound (tile_bound), not a count, so that no step waits for the GPU (selection keeps its
+    picks by a stable sort, not a boolean mask, for the same reason).
     for_device="cuda" runs the GPU's layout on a CPU, and the tests run it so, under a recorder
     of every operation that fails on any that would wait. A decoding step's pairs read their
     chunks directly (read_pairs): one query has nothing to share.
@@ -423,7 +422,8 @@ def own_chunk(cache, q, s, e):
     Returns attention_lse's out (B, Hkv, G, b, D) and lse (B, Hkv, G, b)."""
     B, Hkv, G, b, D = q.shape
     w = cache.w
-    lo, n = s // w * w, (e - 1) // w - s // w + 1  # the first chunk's first key; chunks
+    lo = s // w * w  # the first chunk's first key
+    n = (e - 1) // w - s // w + 1  # chunks the queries are in
     first, last, hi = s, e, e  # the positions of a chunk's queries (here all), the keys' end
     if n > 1:
         # why pad to whole chunks: then each chunk's queries read its w keys under one mask,
