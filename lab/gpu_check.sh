@@ -25,9 +25,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."  # the repository root: the tests and python -m lab.bench run from there
 PY=${PYTHON:-python3}
 OUT=${OUT:-${TMPDIR:-/tmp}/gpu_check}
-mkdir -p "$OUT"
-export LONGHEADS_OFFLINE=1 PYTHONUNBUFFERED=1
 mode=${1:-}
+case "$mode" in
+  "" | --dry-run | --plan) ;;
+  *) echo "gpu_check.sh: unknown option '$mode': give --dry-run, --plan or nothing" >&2; exit 2 ;;
+esac
+[ "$mode" = --plan ] || mkdir -p "$OUT"  # a plan only prints
+export LONGHEADS_OFFLINE=1 PYTHONUNBUFFERED=1
 if [ "$mode" = "--dry-run" ]; then
   device=cpu shape=tiny lengths="1024 4096" long=8192 full_max=4096 decode="1024 4096"
   examples=5 offload=""  # offload needs CUDA

@@ -136,3 +136,13 @@ def test_a_failed_measurement_keeps_its_cause_and_its_whole_stderr(tmp_path):
     log = tmp_path / "logs" / "prefill-longheads-8192.log"
     assert str(log) in record["error"] and log.read_text() == CUDA_FAILURE
     assert bench.error_line("no traceback, one line\n") == "no traceback, one line"
+
+
+def test_an_unknown_option_is_refused_in_one_line(tmp_path):
+    """./lab/gpu_check.sh --bogus must not start a GPU run: one line, exit 2, nothing written."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable)
+    done = subprocess.run(["./gpu_check.sh", "--bogus"], cwd=HERE, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == "", done.stdout
+    assert done.stderr.count("\n") == 1 and "--dry-run, --plan" in done.stderr
+    assert not (tmp_path / "out").exists()
