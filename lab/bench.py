@@ -587,6 +587,10 @@ def run_child(args, argv, limit, record, name):
     return dict(json.loads(done.stdout.strip().splitlines()[-1]), **planned)
 
 
+# a traceback's last line: the exception's name, then its message
+ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*:")
+
+
 def error_line(stderr):
     """The line of a failed process's stderr that names its error: the last exception line of
     a traceback ("torch.OutOfMemoryError: CUDA out of memory ..."), else its last line."""
@@ -594,8 +598,6 @@ def error_line(stderr):
     named = [line for line in lines if ERROR_LINE.match(line)]
     return (named or lines or [""])[-1]
 
-
-ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*:")
 
 
 def time_for_one(args):
